@@ -1,0 +1,2008 @@
+#!/usr/bin/env python
+"""Latent communication training: a small student LLM learns to brief a large frozen teacher.
+
+The student reads a planning prompt plus the first human turn of a conversation and emits K latent
+vectors autoregressively. A HiddenStateHead maps them into the teacher's input-embedding space, where
+they are spliced as ``[<bop>, latents, <eop>]`` right after the first human message. The loss is the
+teacher's cross-entropy on the assistant turns, plus an uncertainty-weighted KL towards the teacher's
+predictions with a precomputed *data latent*, plus a cosine alignment of the two latents. Only the
+student, the bridge (``lat_bos``, ``h2e``, ``student_proj``) and the head learn.
+
+Usage
+-----
+Offline CPU demo (builds tiny models and data under the output directory, trains in about a minute)::
+
+    python train_latent_comm.py --demo --output_dir ./demo_out
+
+One GPU::
+
+    python train_latent_comm.py \\
+        --teacher_model_name_or_path Qwen/Qwen2.5-7B-Instruct \\
+        --student_model_name_or_path Qwen/Qwen2.5-0.5B \\
+        --data_path data/alfworld_sft.json \\
+        --hf_hidden_repo your-org/alfworld-hidden-states \\
+        --output_dir ./latent_out --bf16 --gradient_checkpointing
+
+Eight GPUs with torchrun (DDP)::
+
+    torchrun --nproc_per_node 8 train_latent_comm.py <same flags as above>
+
+DeepSpeed ZeRO-2 / ZeRO-3::
+
+    deepspeed --num_gpus 8 train_latent_comm.py <same flags> --deepspeed configs/ds_z3.json
+
+From a YAML or JSON config (flags given after the file override it)::
+
+    python train_latent_comm.py configs/example_run.yaml --learning_rate 2e-5
+
+Run ``python train_latent_comm.py --help`` for every flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    EarlyStoppingCallback,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.trainer_utils import get_last_checkpoint
+
+logger = logging.getLogger(__name__)
+
+BOP_TOKEN = "<bop>"
+EOP_TOKEN = "<eop>"
+IGNORE_INDEX = -100
+DEFAULT_PLAN_PROMPT = "Please generate a concise plan to solve this task:"
+
+# Files of a trained output directory or checkpoint (the teacher's weights are never among them).
+LATENT_CONFIG_NAME = "latent_config.json"
+LATENT_MODULES_NAME = "latent_modules.safetensors"
+TEACHER_MARKERS_NAME = "teacher_markers.safetensors"
+STUDENT_DIR = "student"
+TEACHER_TOKENIZER_DIR = "teacher_tokenizer"
+RUN_ARGS_NAME = "run_args.json"
+
+# Vocabulary logits are materialised for at most this many elements at a time (2**26 floats = 256 MiB
+# in float32): with Qwen2.5's 152k vocabulary that is ~440 rows per chunk.
+LOGIT_CHUNK_ELEMENTS = 2**26
+
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "system": "system",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+
+
+class LatentCommError(Exception):
+    """A problem with the user's input or flags: reported as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Frozen teacher LLM: a Hub id or a local path (required)."}
+    )
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Trainable student LLM: a Hub id or a local path (required)."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention kernel for both models (e.g. 'sdpa', 'eager', 'flash_attention_2'). Default: "
+            "flash_attention_2 when CUDA is present and flash_attn imports, else sdpa."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow custom modelling code from the model repositories (off unless you opt in)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(
+        default=None,
+        metadata={"help": "Conversations: a JSON array or JSON Lines file of {id, conversations} (required)."},
+    )
+    hf_hidden_repo: str | None = field(
+        default=None,
+        metadata={
+            "help": "Data latents: a local `save_to_disk` directory or a Hub dataset id with `task_id` (or `id`) "
+            "and `hidden_state` [L, H_teacher] columns (required)."
+        },
+    )
+    conversation_format: str = field(
+        default="plain",
+        metadata={
+            "help": "How conversations become tokens: 'plain' (each message's text plus a newline) or 'chat' "
+            "(the tokenizer's chat template).",
+            "choices": ["plain", "chat"],
+        },
+    )
+    plan_prompt: str = field(
+        default=DEFAULT_PLAN_PROMPT,
+        metadata={"help": "Instruction put before the conversation in the student's input."},
+    )
+    model_max_length: int = field(
+        default=4096,
+        metadata={"help": "Maximum teacher sequence length, latent block included (tokens are cut from the end)."},
+    )
+    student_max_length: int = field(
+        default=1024,
+        metadata={"help": "Maximum student prompt length; the conversation part is cut from its start."},
+    )
+    eval_ratio: float = field(
+        default=0.05,
+        metadata={"help": "Share of records held out for evaluation (0 disables evaluation and early stopping)."},
+    )
+    skip_invalid_samples: bool = field(
+        default=False,
+        metadata={"help": "Drop invalid records with a warning instead of stopping with an error."},
+    )
+    demo: bool = field(
+        default=False,
+        metadata={
+            "help": "Build tiny offline models and data under --output_dir and train on them (CPU, ~1 minute). "
+            "Any other flag still applies."
+        },
+    )
+
+
+@dataclass
+class LatentArguments:
+    K: int = field(default=128, metadata={"help": "Number of latent vectors the student emits."})
+    head_num_heads: int = field(default=8, metadata={"help": "Attention heads of the HiddenStateHead."})
+    head_dropout: float = field(default=0.1, metadata={"help": "Dropout of the HiddenStateHead."})
+    hidden_head_ckpt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pretrained HiddenStateHead: a safetensors state dict, or a torch file of nested state dicts "
+            "(pre_ln, post_ln, hidden_mha, output_projection, adaptive_proj)."
+        },
+    )
+    freeze_head: bool = field(default=False, metadata={"help": "Keep the HiddenStateHead fixed."})
+    ce_weight: float = field(default=1.0, metadata={"help": "Weight of the teacher's cross-entropy with latent."})
+    kl_weight: float = field(default=1.0, metadata={"help": "Weight of the uncertainty-weighted KL term."})
+    align_weight: float = field(default=1.0, metadata={"help": "Weight of the cosine alignment term."})
+    kl_window: int = field(
+        default=64, metadata={"help": "KL uses the targets in the first `kl_window` tokens after the latent block."}
+    )
+    kl_temperature: float = field(default=4.0, metadata={"help": "Softmax temperature of the KL term."})
+    uncertainty_quantile: float = field(
+        default=0.95, metadata={"help": "Uncertainty weights are clipped at this quantile of the positive ones."}
+    )
+    kl_weighting: str = field(
+        default="uncertainty",
+        metadata={
+            "help": "'uncertainty': weight each KL target by relu(H_no_latent - H_data_latent); 'uniform': weight 1.",
+            "choices": ["uncertainty", "uniform"],
+        },
+    )
+
+
+@dataclass
+class LatentTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with this tool's defaults and its early-stopping flags."""
+
+    output_dir: str | None = field(default="./latent_out", metadata={"help": "Where checkpoints and results go."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Batch size per device for training."})
+    per_device_eval_batch_size: int = field(default=2, metadata={"help": "Batch size per device for evaluation."})
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: 'no', 'steps' or 'epoch'."})
+    eval_steps: float | None = field(default=200, metadata={"help": "Evaluate every this many optimizer steps."})
+    save_steps: float = field(default=200, metadata={"help": "Save a checkpoint every this many optimizer steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many optimizer steps."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
+    warmup_steps: float = field(
+        default=0.03, metadata={"help": "Warm-up: a number of steps, or a ratio of all steps when below 1."}
+    )
+    load_best_model_at_end: bool = field(
+        default=True, metadata={"help": "Load the checkpoint with the best eval_loss when training ends."}
+    )
+    metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "Metric for the best model."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all collated columns (needed)."})
+    prediction_loss_only: bool = field(default=True, metadata={"help": "Evaluation keeps no logits (needed)."})
+    early_stopping_patience: int = field(
+        default=5, metadata={"help": "Stop after this many evaluations without improvement (0 disables)."}
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Minimum eval_loss improvement that resets the patience."}
+    )
+
+    def __post_init__(self):
+        if self.label_names is None:
+            self.label_names = ["labels"]
+        super().__post_init__()
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, LatentArguments, LatentTrainingArguments)
+REQUIRED_ARGUMENTS = (
+    "teacher_model_name_or_path",
+    "student_model_name_or_path",
+    "data_path",
+    "hf_hidden_repo",
+)
+# Defaults of `--demo` that keep it under two minutes on two CPU cores; flags given by the user win.
+DEMO_DEFAULTS = dict(
+    K=8,
+    model_max_length=384,
+    student_max_length=192,
+    num_train_epochs=4,
+    per_device_train_batch_size=2,
+    per_device_eval_batch_size=2,
+    learning_rate=1e-3,
+    logging_steps=2,
+    eval_steps=6,
+    save_steps=6,
+    save_total_limit=2,
+    eval_ratio=0.2,
+    use_cpu=True,
+    dataloader_num_workers=0,
+    head_num_heads=4,
+    kl_weight=0.1,
+    align_weight=0.1,
+)
+
+
+def _load_config_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+        if path.endswith(".json"):
+            config = json.loads(text)
+        else:
+            import yaml
+
+            config = yaml.safe_load(text)
+    except (OSError, ValueError) as err:
+        raise LatentCommError(f"cannot read config file {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise LatentCommError(f"config file {path} must hold a mapping of flag names to values")
+    return config
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """Parse flags (optionally on top of a leading .yaml/.json config file) into the four argument groups.
+
+    Raises `LatentCommError` for a bad config file, missing required arguments or inconsistent flags.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
+
+    file_config: dict[str, Any] = {}
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        file_config = _load_config_file(argv.pop(0))
+        unknown = sorted(set(file_config) - known)
+        if unknown:
+            raise LatentCommError(f"unknown keys in config file: {', '.join(unknown)} (see --help for valid flags)")
+    defaults = dict(file_config)
+    if "--demo" in argv or file_config.get("demo"):
+        defaults = {**DEMO_DEFAULTS, **file_config}
+    if defaults:
+        parser.set_defaults(**defaults)
+
+    # Without an eval split there is nothing to evaluate or stop early on, so those modes are switched off.
+    probe = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    if probe[1].eval_ratio <= 0:
+        argv = argv + ["--eval_strategy", "no", "--load_best_model_at_end", "False"]
+    try:
+        model_args, data_args, latent_args, training_args = parser.parse_args_into_dataclasses(
+            args=argv, look_for_args_file=False
+        )
+    except ValueError as err:
+        raise LatentCommError(str(err).replace("\n", " ")) from None
+
+    if not data_args.demo:
+        missing = [name for name in REQUIRED_ARGUMENTS if getattr(model_args, name, None) is None]
+        missing += [name for name in REQUIRED_ARGUMENTS if getattr(data_args, name, None) is None]
+        if missing:
+            raise LatentCommError("Missing required arguments: " + ", ".join(f"--{name}" for name in missing))
+    validate_args(data_args, latent_args, training_args)
+    return model_args, data_args, latent_args, training_args
+
+
+def validate_args(data_args: DataArguments, latent_args: LatentArguments, training_args: TrainingArguments):
+    """Collect every inconsistent flag and raise once."""
+    problems = []
+    if latent_args.K < 1:
+        problems.append("--K must be at least 1")
+    if data_args.model_max_length < latent_args.K + 4:
+        problems.append(f"--model_max_length ({data_args.model_max_length}) must exceed --K + 3 ({latent_args.K + 3})")
+    if data_args.student_max_length < 1:
+        problems.append("--student_max_length must be positive")
+    if not 0 <= data_args.eval_ratio < 1:
+        problems.append("--eval_ratio must be in [0, 1)")
+    if latent_args.kl_window < 1:
+        problems.append("--kl_window must be at least 1")
+    if latent_args.kl_temperature <= 0:
+        problems.append("--kl_temperature must be positive")
+    if not 0 < latent_args.uncertainty_quantile <= 1:
+        problems.append("--uncertainty_quantile must be in (0, 1]")
+    if min(latent_args.ce_weight, latent_args.kl_weight, latent_args.align_weight) < 0:
+        problems.append("loss weights must be non-negative")
+    if not 0 <= latent_args.head_dropout < 1:
+        problems.append("--head_dropout must be in [0, 1)")
+    if latent_args.head_num_heads < 1:
+        problems.append("--head_num_heads must be at least 1")
+    if training_args.bf16 and training_args.fp16:
+        problems.append("--bf16 and --fp16 are mutually exclusive")
+    if problems:
+        raise LatentCommError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: loading and validation
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conversation:
+    """One validated record: its id (as a string) and its messages as (role, text) with canonical roles."""
+
+    id: str
+    messages: list[tuple[str, str]]
+
+    @property
+    def first_user_index(self) -> int:
+        return next(i for i, (role, _) in enumerate(self.messages) if role == "user")
+
+
+class ProblemLog:
+    """Collects per-record problems by kind, so that all of them are reported at once."""
+
+    def __init__(self):
+        self.by_kind: dict[str, list[str]] = {}
+
+    def add(self, kind: str, record_id: Any):
+        self.by_kind.setdefault(kind, []).append(str(record_id))
+
+    def bad_ids(self) -> set[str]:
+        return {record_id for ids in self.by_kind.values() for record_id in ids}
+
+    def __bool__(self):
+        return bool(self.by_kind)
+
+    def summary(self, max_ids: int = 3) -> str:
+        parts = []
+        for kind, ids in self.by_kind.items():
+            shown = ", ".join(ids[:max_ids]) + (", ..." if len(ids) > max_ids else "")
+            noun = "record" if len(ids) == 1 else "records"
+            parts.append(f"{len(ids)} {noun}: {kind} (ids {shown})")
+        return "; ".join(parts)
+
+
+def load_records(path: str) -> list[Any]:
+    """Read a JSON array or a JSON Lines file of records."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise LatentCommError(f"cannot read --data_path {path}: {err}") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise LatentCommError(f"--data_path {path} is empty")
+    try:
+        if stripped.startswith("["):
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise LatentCommError(f"--data_path {path} is neither a JSON array nor JSON Lines: {err}") from None
+    if not isinstance(records, list):
+        raise LatentCommError(f"--data_path {path} must hold a list of records")
+    return records
+
+
+def parse_conversations(records: list[Any], problems: ProblemLog) -> list[Conversation]:
+    """Check the structure of every record (SPEC 1.1) and return the usable ones with canonical roles."""
+    conversations, seen = [], set()
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            problems.add("is not a JSON object", f"#{index}")
+            continue
+        raw_id = record.get("id")
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or raw_id == "":
+            problems.add("has no 'id' (a string or an integer)", f"#{index}")
+            continue
+        record_id = str(raw_id)
+        if record_id in seen:
+            problems.add("duplicates an earlier id", record_id)
+            continue
+        seen.add(record_id)
+        turns = record.get("conversations")
+        if not isinstance(turns, list):
+            problems.add("has no 'conversations' list", record_id)
+            continue
+        messages, ok = [], True
+        for turn in turns:
+            if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+                problems.add("has a message without string 'from' and 'value'", record_id)
+                ok = False
+                break
+            role = ROLE_ALIASES.get(turn["from"].strip().lower())
+            if role is None:
+                problems.add(f"has unknown role {turn['from']!r}", record_id)
+                ok = False
+                break
+            messages.append((role, turn["value"]))
+        if not ok:
+            continue
+        roles = [role for role, _ in messages]
+        if "user" not in roles:
+            problems.add("has no user message", record_id)
+            continue
+        if "assistant" not in roles[roles.index("user") + 1 :]:
+            problems.add("has no assistant message after the first user message", record_id)
+            continue
+        conversations.append(Conversation(record_id, messages))
+    return conversations
+
+
+def _as_2d_float(value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype == object:  # ragged or nested arrays from the numpy formatter
+        array = np.stack([np.asarray(row, dtype=np.float32) for row in array]) if len(array) else array
+    return np.asarray(array, dtype=np.float32)
+
+
+class HiddenStateStore:
+    """Data latents kept memory-mapped in their Arrow table; rows are read only when a sample is loaded.
+
+    Host memory holds the id -> row map and nothing that grows with the size of the hidden states.
+    """
+
+    def __init__(self, source: str):
+        import datasets
+
+        try:
+            if os.path.isdir(source):
+                dataset = datasets.load_from_disk(source)
+                if isinstance(dataset, datasets.DatasetDict):
+                    splits = list(dataset.keys())
+                    if "train" in dataset:
+                        dataset = dataset["train"]
+                    elif len(splits) == 1:
+                        dataset = dataset[splits[0]]
+                    else:
+                        raise LatentCommError(
+                            f"--hf_hidden_repo {source} has splits {splits} and none is 'train': keep one split"
+                        )
+            else:
+                dataset = datasets.load_dataset(source, split="train")
+        except LatentCommError:
+            raise
+        except Exception as err:  # datasets raises many types for unreadable or unreachable data
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise LatentCommError(f"cannot load --hf_hidden_repo {source}: {message}") from None
+        columns = dataset.column_names
+        if "hidden_state" not in columns:
+            raise LatentCommError(f"--hf_hidden_repo {source} has no 'hidden_state' column (columns: {columns})")
+        key = "task_id" if "task_id" in columns else "id" if "id" in columns else None
+        if key is None:
+            raise LatentCommError(f"--hf_hidden_repo {source} needs a 'task_id' or 'id' column (columns: {columns})")
+        self.source = source
+        self.key_column = key
+        self.row_of: dict[str, int] = {}
+        self.duplicate_keys: set[str] = set()
+        for row, value in enumerate(dataset.select_columns([key])[key]):
+            value = str(value)
+            if value in self.row_of:
+                self.duplicate_keys.add(value)
+            self.row_of[value] = row
+        self._latents = dataset.select_columns(["hidden_state"]).with_format("numpy")
+
+    def __len__(self) -> int:
+        return len(self._latents)
+
+    def read(self, row: int) -> np.ndarray:
+        """The `[L, H]` float32 hidden state of one row."""
+        return _as_2d_float(self._latents[int(row)]["hidden_state"])
+
+    def latent_rows(self, row: int, K: int) -> np.ndarray:
+        """The data latent `X` `[K, H]`: the first K rows, repeated in order when the state is shorter."""
+        hidden = self.read(row)
+        return hidden[np.arange(K) % hidden.shape[0]]
+
+
+def check_hidden_states(
+    conversations: list[Conversation], store: HiddenStateStore, hidden_size: int, problems: ProblemLog
+) -> list[Conversation]:
+    """Join conversations with their data latents and check each latent once (SPEC 1.2, 1.3)."""
+    from tqdm.auto import tqdm
+
+    kept = []
+    for conv in tqdm(conversations, desc="Checking data latents", disable=len(conversations) < 1000):
+        row = store.row_of.get(conv.id)
+        if row is None:
+            problems.add("Sample is missing 'hidden_state'", conv.id)
+            continue
+        if conv.id in store.duplicate_keys:
+            problems.add(f"has several rows in --hf_hidden_repo (by '{store.key_column}')", conv.id)
+            continue
+        try:
+            hidden = store.read(row)
+        except (ValueError, TypeError):
+            problems.add("has a 'hidden_state' that is not a 2-D float array", conv.id)
+            continue
+        if hidden.ndim != 2 or hidden.shape[0] < 1:
+            problems.add("has an empty or non 2-D 'hidden_state'", conv.id)
+        elif hidden.shape[1] != hidden_size:
+            problems.add(f"has 'hidden_state' width {hidden.shape[1]} != teacher hidden size {hidden_size}", conv.id)
+        elif not np.isfinite(hidden).all():
+            problems.add("has non-finite values in 'hidden_state'", conv.id)
+        else:
+            kept.append(conv)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: rendering, splice positions, encoding
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedSample:
+    """Token ids of one record; `insert_pos` is where the latent block goes in the teacher sequence."""
+
+    record_id: str
+    hidden_row: int
+    input_ids: np.ndarray  # [T] teacher tokens (without the block)
+    labels: np.ndarray  # [T] teacher token ids on supervised positions, IGNORE_INDEX elsewhere
+    insert_pos: int
+    student_input_ids: np.ndarray  # [S]
+
+
+def _chat_messages(messages: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"role": role, "content": text} for role, text in messages]
+
+
+def _render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        _chat_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def teacher_pieces(conv: Conversation, tokenizer, fmt: str) -> tuple[list[tuple[str, bool]], int]:
+    """Split the teacher rendering into (text, supervised) pieces.
+
+    Returns the pieces and the number of leading pieces that come before the latent block (everything
+    up to and including the first user message). In chat format each turn's piece is the difference of
+    the template rendered over successive prefixes, so role headers are never supervised while the
+    assistant's content and the end-of-turn token(s) closing it are.
+    """
+    first_user = conv.first_user_index
+    pieces: list[tuple[str, bool]] = []
+    insert_after = 0
+    if fmt == "plain":
+        for i, (role, text) in enumerate(conv.messages):
+            pieces += [(text, role == "assistant"), ("\n", False)]
+            if i == first_user:
+                insert_after = len(pieces)
+        return pieces, insert_after
+
+    previous = ""
+    for i, (role, _) in enumerate(conv.messages):
+        rendered = _render_chat(tokenizer, conv.messages[: i + 1])
+        if role == "assistant":
+            header = _render_chat(tokenizer, conv.messages[:i], add_generation_prompt=True)
+            if not (header.startswith(previous) and rendered.startswith(header)):
+                raise ValueError("chat template does not render conversations prefix by prefix")
+            body = rendered[len(header) :]
+            supervised = body.rstrip()  # content + end-of-turn marker; trailing newlines stay unsupervised
+            pieces += [(header[len(previous) :], False), (supervised, True), (body[len(supervised) :], False)]
+        else:
+            if not rendered.startswith(previous):
+                raise ValueError("chat template does not render conversations prefix by prefix")
+            pieces.append((rendered[len(previous) :], False))
+        previous = rendered
+        if i == first_user:
+            insert_after = len(pieces)
+    return pieces, insert_after
+
+
+def student_prompt_text(conv: Conversation, tokenizer, fmt: str, plan_prompt: str) -> tuple[str, str]:
+    """(prefix, conversation part) of the student's input: everything up to the first user message."""
+    head = conv.messages[: conv.first_user_index + 1]
+    if fmt == "plain":
+        body = "".join(text + "\n" for _, text in head)
+    else:
+        body = _render_chat(tokenizer, head)
+    return plan_prompt + "\n", body
+
+
+def encode_conversation(
+    conv: Conversation,
+    hidden_row: int,
+    teacher_tokenizer,
+    student_tokenizer,
+    data_args: DataArguments,
+    K: int,
+) -> EncodedSample:
+    """Tokenize one conversation for the teacher and the student; raise ValueError if it is unusable."""
+    pieces, insert_after = teacher_pieces(conv, teacher_tokenizer, data_args.conversation_format)
+    texts = [text for text, _ in pieces]
+    piece_ids = teacher_tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    input_ids, labels, insert_pos = [], [], 0
+    for i, ((_, supervised), ids) in enumerate(zip(pieces, piece_ids)):
+        input_ids += ids
+        labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+        if i + 1 == insert_after:
+            insert_pos = len(input_ids)
+
+    # The spliced sequence holds the K latents and two markers; cut tokens from the end to fit.
+    max_tokens = data_args.model_max_length - K - 2
+    if insert_pos > max_tokens:
+        raise ValueError(f"its first user message ends at token {insert_pos}, beyond --model_max_length")
+    input_ids, labels = input_ids[:max_tokens], labels[:max_tokens]
+    if not any(label != IGNORE_INDEX for label in labels[1:]):
+        raise ValueError("it keeps no supervised assistant token within --model_max_length")
+
+    prefix, body = student_prompt_text(
+        conv, student_tokenizer, data_args.conversation_format, data_args.plan_prompt
+    )
+    student_ids = student_tokenizer(prefix + body)["input_ids"]
+    if len(student_ids) > data_args.student_max_length:
+        # Keep the plan prompt and the end of the conversation part (the first user message).
+        prefix_ids = student_tokenizer(prefix)["input_ids"]
+        body_ids = student_tokenizer(body, add_special_tokens=False)["input_ids"]
+        keep = max(data_args.student_max_length - len(prefix_ids), 1)
+        student_ids = prefix_ids + body_ids[-keep:]
+    return EncodedSample(
+        record_id=conv.id,
+        hidden_row=hidden_row,
+        input_ids=np.asarray(input_ids, dtype=np.int64),
+        labels=np.asarray(labels, dtype=np.int64),
+        insert_pos=insert_pos,
+        student_input_ids=np.asarray(student_ids, dtype=np.int64),
+    )
+
+
+def encode_conversations(conversations, store, teacher_tokenizer, student_tokenizer, data_args, K, problems):
+    from tqdm.auto import tqdm
+
+    samples = []
+    for conv in tqdm(conversations, desc="Tokenizing", disable=len(conversations) < 1000):
+        try:
+            samples.append(
+                encode_conversation(conv, store.row_of[conv.id], teacher_tokenizer, student_tokenizer, data_args, K)
+            )
+        except ValueError as err:
+            problems.add(f"is unusable: {err}", conv.id)
+    return samples
+
+
+def split_train_eval(n: int, eval_ratio: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic split of n records: at least one eval record whenever eval_ratio > 0."""
+    if eval_ratio <= 0:
+        return list(range(n)), []
+    n_eval = max(1, int(round(n * eval_ratio)))
+    if n_eval >= n:
+        raise LatentCommError(
+            f"only {n} usable record(s): cannot hold out {n_eval} for evaluation; add data or pass --eval_ratio 0"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[n_eval:].tolist()), sorted(order[:n_eval].tolist())
+
+
+class LatentCommDataset(torch.utils.data.Dataset):
+    """Tokenized samples (in memory, tokenized once) joined with memory-mapped data latents."""
+
+    def __init__(self, samples: list[EncodedSample], store: HiddenStateStore, K: int):
+        self.samples, self.store, self.K = samples, store, K
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        return {
+            "input_ids": torch.from_numpy(sample.input_ids),
+            "labels": torch.from_numpy(sample.labels),
+            "insert_pos": sample.insert_pos,
+            "student_input_ids": torch.from_numpy(sample.student_input_ids),
+            "data_latents": torch.from_numpy(self.store.latent_rows(sample.hidden_row, self.K)),
+        }
+
+
+@dataclass
+class LatentCommCollator:
+    """Right-pads the teacher side, left-pads the student side (the rollout continues from the last token)."""
+
+    teacher_pad_id: int
+    student_pad_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch_size = len(features)
+        t_len = max(len(f["input_ids"]) for f in features)
+        s_len = max(len(f["student_input_ids"]) for f in features)
+        input_ids = torch.full((batch_size, t_len), self.teacher_pad_id, dtype=torch.long)
+        labels = torch.full((batch_size, t_len), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, t_len), dtype=torch.long)
+        student_ids = torch.full((batch_size, s_len), self.student_pad_id, dtype=torch.long)
+        student_mask = torch.zeros((batch_size, s_len), dtype=torch.long)
+        for b, f in enumerate(features):
+            n, m = len(f["input_ids"]), len(f["student_input_ids"])
+            input_ids[b, :n] = f["input_ids"]
+            labels[b, :n] = f["labels"]
+            attention_mask[b, :n] = 1
+            student_ids[b, s_len - m :] = f["student_input_ids"]
+            student_mask[b, s_len - m :] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "insert_pos": torch.tensor([f["insert_pos"] for f in features], dtype=torch.long),
+            "student_input_ids": student_ids,
+            "student_attention_mask": student_mask,
+            "data_latents": torch.stack([f["data_latents"] for f in features]),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules: the HiddenStateHead and its checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+class AdaptiveProjection(nn.Module):
+    """`r = x * scale; out = (r + MLP(r)) * output_scale`: a residual MLP behind two learnable gains.
+
+    The last Linear starts near zero (xavier gain 1e-2), so the block starts as a plain rescaling and the
+    small `output_scale` keeps the first spliced latents close to the teacher's embedding magnitude.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.2))
+        self.output_scale = nn.Parameter(torch.tensor(0.1))
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size),
+            nn.GELU(),
+            nn.LayerNorm(hidden_size),
+            nn.Linear(hidden_size, hidden_size),
+        )
+        nn.init.normal_(self.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.mlp[0].bias)
+        nn.init.xavier_uniform_(self.mlp[3].weight, gain=1e-2)
+        nn.init.zeros_(self.mlp[3].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = x * self.scale
+        return (r + self.mlp(r)) * self.output_scale
+
+
+class HiddenStateHead(nn.Module):
+    """Maps a sequence of latents `[B, K, Ht]` into the teacher's input-embedding space `[B, K, Ht]`.
+
+    Pre-norm self-attention over the K latents (so each latent sees the whole plan), an adaptive
+    residual projection, and a GLU output projection.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 8, dropout: float = 0.1):
+        super().__init__()
+        self.pre_ln = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.hidden_mha = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.post_ln = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.adaptive_proj = AdaptiveProjection(hidden_size)
+        self.output_projection = nn.Sequential(
+            nn.Linear(hidden_size, 2 * hidden_size),
+            nn.GLU(),
+            nn.LayerNorm(hidden_size),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre_ln(x)  # [B, K, Ht]
+        attended, _ = self.hidden_mha(h, h, h, need_weights=False)
+        y = self.post_ln(h + attended)
+        return self.output_projection(self.adaptive_proj(y))  # [B, K, Ht]
+
+
+def load_head_checkpoint(head: HiddenStateHead, path: str) -> None:
+    """Load `--hidden_head_ckpt`: a safetensors state dict, or a torch file of nested state dicts.
+
+    The nested format is that of published stage-1 heads: one state dict per submodule under `pre_ln`,
+    `post_ln`, `hidden_mha`, `output_projection` and `adaptive_proj`; older files hold the floats
+    `scale` / `output_scale` instead of `adaptive_proj`, and the adaptive MLP keeps its near-zero init.
+    Missing or unexpected keys are an error.
+    """
+    if not os.path.isfile(path):
+        raise LatentCommError(f"--hidden_head_ckpt {path} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+        allowed_missing: set[str] = set()
+    else:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise LatentCommError(f"cannot read --hidden_head_ckpt {path} as a weights-only torch file: {err}") from None
+        if not isinstance(raw, dict):
+            raise LatentCommError(f"--hidden_head_ckpt {path} must hold a dict of state dicts")
+        state, allowed_missing = {}, set()
+        for name, value in raw.items():
+            if isinstance(value, dict):
+                state.update({f"{name}.{key}": tensor for key, tensor in value.items()})
+            elif name in ("scale", "output_scale"):
+                state[f"adaptive_proj.{name}"] = torch.as_tensor(float(value))
+            else:
+                state[name] = value
+        if "adaptive_proj" not in raw:
+            allowed_missing = {key for key in head.state_dict() if key.startswith("adaptive_proj.mlp.")}
+    expected = set(head.state_dict())
+    missing = sorted(expected - set(state) - allowed_missing)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise LatentCommError(
+            f"--hidden_head_ckpt {path} does not match HiddenStateHead: missing keys {missing}, unexpected keys "
+            f"{unexpected}"
+        )
+    try:
+        head.load_state_dict(state, strict=not allowed_missing)
+    except RuntimeError as err:
+        raise LatentCommError(f"--hidden_head_ckpt {path}: {str(err).splitlines()[0]} (check --head_* flags)") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses: pure functions on small tensors
+# ----------------------------------------------------------------------------------------------------
+
+
+def splice_latent_block(
+    token_embeds: torch.Tensor, attention_mask: torch.Tensor, insert_pos: torch.Tensor, block: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Insert `block` `[B, K+2, H]` into `token_embeds` `[B, T, H]` at `insert_pos` `[B]`.
+
+    Token t < s stays at t, the block fills s .. s+K+1, token t >= s moves to t + K + 2. One gather, so
+    gradients reach the block. Returns embeddings `[B, T+K+2, H]` and the matching attention mask.
+    """
+    batch, length, _ = token_embeds.shape
+    block_len = block.shape[1]
+    pos = torch.arange(length + block_len, device=token_embeds.device).unsqueeze(0)  # [1, T+K+2]
+    s = insert_pos.unsqueeze(1)  # [B, 1]
+    source = torch.where(pos < s, pos, torch.where(pos < s + block_len, length + pos - s, pos - block_len))
+    combined = torch.cat([token_embeds, block.to(token_embeds.dtype)], dim=1)  # [B, T+K+2, H]
+    embeds = combined.gather(1, source.unsqueeze(-1).expand(-1, -1, combined.shape[-1]))
+    mask = torch.cat([attention_mask, attention_mask.new_ones(batch, block_len)], dim=1).gather(1, source)
+    return embeds, mask
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) `[N, V]` -> `[N]`."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl_per_token(target_logits: torch.Tensor, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`T^2 * KL(p_target || p)` per row with `p = softmax(logits / T)`: `[N, V]` x2 -> `[N]`.
+
+    T^2 keeps the gradient scale independent of T (Hinton et al., 2015).
+    """
+    logp_target = F.log_softmax(target_logits.float() / temperature, dim=-1)
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return temperature**2 * (logp_target.exp() * (logp_target - logp)).sum(-1)
+
+
+def uncertainty_weights(
+    entropy_no_latent: torch.Tensor, entropy_data_latent: torch.Tensor, quantile: float, mode: str = "uncertainty"
+) -> torch.Tensor:
+    """Weights `[N]` of the KL targets: how much the data latent lowers the teacher's uncertainty.
+
+    `u = relu(H_B - H_D)`, clipped at the `quantile` of its positive values so a few outliers cannot
+    dominate, then divided by its mean (at least 1e-6). Detached.
+    """
+    if mode == "uniform":
+        return torch.ones_like(entropy_no_latent, dtype=torch.float32)
+    u = torch.relu(entropy_no_latent.float() - entropy_data_latent.float()).detach()
+    positive = u[u > 0]
+    if positive.numel() > 0:
+        u = u.clamp(max=torch.quantile(positive, quantile))
+    return u / u.mean().clamp(min=1e-6)
+
+
+def weighted_kl(kl: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`sum(w * kl) / (sum(w) + 1e-6)`; zero, with the graph still connected, when every weight is zero."""
+    return (weights * kl).sum() / (weights.sum() + 1e-6)
+
+
+def alignment_loss(student_latents: torch.Tensor, data_latents: torch.Tensor) -> torch.Tensor:
+    """`1 - mean_b cos(mean_k Za[b], mean_k Zd[b])` for `[B, K, H]` latents."""
+    return 1 - F.cosine_similarity(student_latents.float().mean(1), data_latents.float().mean(1), dim=-1).mean()
+
+
+def _rows_per_chunk(vocab_size: int) -> int:
+    return max(1, LOGIT_CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def _maybe_checkpoint(fn, *tensors):
+    """Recompute `fn` in the backward pass when a gradient is needed, so only one chunk of vocabulary
+    logits exists at any time instead of one per chunk being kept for backward."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return checkpoint(fn, *tensors, use_reentrant=False)
+    return fn(*tensors)
+
+
+def chunked_nll_sum(hidden_rows: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Sum of `-log p(target)` over rows `[N, H]`, computing `[chunk, V]` logits at a time."""
+    total = hidden_rows.new_zeros((), dtype=torch.float32)
+    step = _rows_per_chunk(lm_head.weight.shape[0])
+
+    def nll(rows, tgt):
+        return F.cross_entropy(lm_head(rows).float(), tgt, reduction="sum")
+
+    for start in range(0, hidden_rows.shape[0], step):
+        total = total + _maybe_checkpoint(nll, hidden_rows[start : start + step], targets[start : start + step])
+    return total
+
+
+def chunked_entropy(hidden_rows: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Entropy `[N]` of the next-token distribution at each row (no gradient)."""
+    step = _rows_per_chunk(lm_head.weight.shape[0])
+    with torch.no_grad():
+        parts = [entropy_from_logits(lm_head(hidden_rows[i : i + step])) for i in range(0, hidden_rows.shape[0], step)]
+    return torch.cat(parts) if parts else hidden_rows.new_zeros(0, dtype=torch.float32)
+
+
+def chunked_kl(
+    hidden_rows: torch.Tensor, target_rows: torch.Tensor, lm_head: nn.Module, temperature: float
+) -> torch.Tensor:
+    """`kl_per_token` `[N]` between the distributions at `target_rows` (no gradient) and `hidden_rows`."""
+    step = _rows_per_chunk(lm_head.weight.shape[0])
+
+    def kl(rows, target):
+        with torch.no_grad():
+            target_logits = lm_head(target)
+        return kl_per_token(target_logits, lm_head(rows), temperature)
+
+    parts = [
+        _maybe_checkpoint(kl, hidden_rows[i : i + step], target_rows[i : i + step])
+        for i in range(0, hidden_rows.shape[0], step)
+    ]
+    return torch.cat(parts) if parts else hidden_rows.new_zeros(0, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules: the student rollout and the combined model
+# ----------------------------------------------------------------------------------------------------
+
+
+class PrefillReplayCache(DynamicCache):
+    """A DynamicCache that survives activation checkpointing of the student's prefill.
+
+    HF decoder layers drop the cache when checkpointed (the backward replay would append the prefill's
+    keys a second time). Here the prefill layers keep it; once the rollout is done the cache is sealed and
+    any later update, which can only be the backward replay of a prefill layer that started from an
+    empty cache, returns the replayed keys and values without storing them.
+    """
+
+    sealed = False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.sealed:
+            return key_states, value_states
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+@contextlib.contextmanager
+def _no_layer_checkpointing(layers: list[nn.Module]):
+    saved = [layer.gradient_checkpointing for layer in layers]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, saved):
+            layer.gradient_checkpointing = flag
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _decoder_of(model: nn.Module) -> nn.Module:
+    """The transformer stack of a *ForCausalLM model (no vocabulary head)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if decoder is None or decoder is model:
+        decoder = getattr(model, model.base_model_prefix, None)
+    if decoder is None or decoder is model:
+        raise LatentCommError(f"cannot find the decoder stack of {type(model).__name__}")
+    return decoder
+
+
+def _hidden_size(config) -> int:
+    return config.get_text_config().hidden_size
+
+
+@dataclass
+class LatentSettings:
+    """What the model needs beyond its weights; also saved (with more) as latent_config.json."""
+
+    K: int
+    bop_id: int
+    eop_id: int
+    ce_weight: float = 1.0
+    kl_weight: float = 1.0
+    align_weight: float = 1.0
+    kl_window: int = 64
+    kl_temperature: float = 4.0
+    uncertainty_quantile: float = 0.95
+    kl_weighting: str = "uncertainty"
+
+
+class LatentCommModel(nn.Module):
+    """Student + bridge + head (trained) around a frozen teacher; `forward` returns every loss term."""
+
+    # Lets the Trainer count supervised tokens over the whole accumulated batch (num_items_in_batch).
+    accepts_loss_kwargs = True
+    _keys_to_ignore_on_save = None
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        settings: LatentSettings,
+        head_num_heads: int = 8,
+        head_dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.teacher = teacher
+        self.student = student
+        self.settings = settings
+        teacher_hidden, student_hidden = _hidden_size(teacher.config), _hidden_size(student.config)
+        self.lat_bos = nn.Parameter(torch.randn(student_hidden) * 0.02)
+        self.h2e = nn.Sequential(nn.LayerNorm(student_hidden), nn.Linear(student_hidden, student_hidden, bias=False))
+        # The head works in the teacher's width; a student of another width is projected first.
+        self.student_proj = (
+            nn.Linear(student_hidden, teacher_hidden) if student_hidden != teacher_hidden else nn.Identity()
+        )
+        self.head = HiddenStateHead(teacher_hidden, head_num_heads, head_dropout)
+
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        # Latent steps never read the student's vocabulary head; an untied one would get no gradient
+        # (and DDP would wait for it), so it is frozen. A tied one trains through the prompt embeddings.
+        output_embeddings = student.get_output_embeddings()
+        if output_embeddings is not None and output_embeddings.weight is not student.get_input_embeddings().weight:
+            output_embeddings.requires_grad_(False)
+        self._teacher_checkpointing = False
+
+    # -- mode and checkpointing -------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: no dropout, ever
+        if self._teacher_checkpointing:
+            # HF layers checkpoint only when `self.training`; flag the layers themselves (not their dropout
+            # submodules) so run A recomputes activations while the teacher still behaves as in eval.
+            for layer in _checkpointed_layers(self.teacher):
+                layer.training = mode
+        return self
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        kwargs = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
+        for model in (self.teacher, self.student):
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
+            )
+        for layer in _checkpointed_layers(self.student):
+            layer._can_checkpoint_with_cache = True  # safe with PrefillReplayCache, see its docstring
+        self._teacher_checkpointing = True
+        self.train(self.training)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
+
+    def activation_checkpointing_disable(self):
+        for model in (self.teacher, self.student):
+            model.activation_checkpointing_disable()
+        self._teacher_checkpointing = False
+        self.train(self.training)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self._teacher_checkpointing
+
+    # -- student side -------------------------------------------------------------------------------
+
+    def student_latents(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Roll the student out for K latent steps after its left-padded prompt: `[B, S]` -> `[B, K, Hs]`.
+
+        One prefill fills the KV cache; each step then feeds one vector (`lat_bos` first, then `h2e` of the
+        previous output) at the next position, with an explicit mask over the whole cache.
+        """
+        decoder = _decoder_of(self.student)
+        embeds = self.student.get_input_embeddings()(input_ids)  # [B, S, Hs]
+        mask = attention_mask.long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
+        cache = PrefillReplayCache(config=self.student.config)
+        decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=False)
+        next_position = positions[:, -1:] + 1  # [B, 1]
+        step_input = self.lat_bos.to(embeds.dtype).expand(input_ids.shape[0], 1, -1)  # [B, 1, Hs]
+        latents = []
+        # Steps are never checkpointed: each is one position, and a replay would need the cache as it was.
+        with _no_layer_checkpointing(_checkpointed_layers(self.student)):
+            for step in range(self.settings.K):
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [B, S + step + 1]
+                out = decoder(
+                    inputs_embeds=step_input,
+                    attention_mask=mask,
+                    position_ids=next_position + step,
+                    cache=cache,
+                    use_cache=False,
+                ).last_hidden_state  # [B, 1, Hs]
+                latents.append(out)
+                step_input = self.h2e(out)
+        cache.sealed = True
+        return torch.cat(latents, dim=1)  # [B, K, Hs]
+
+    def project_student_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """`Za = head(student_proj(Z))`: `[B, K, Hs]` -> `[B, K, Ht]`."""
+        return self.head(self.student_proj(latents))
+
+    def project_data_latents(self, data_latents: torch.Tensor) -> torch.Tensor:
+        """`Zd = head(X)` without gradient or dropout: `[B, K, Ht]` -> `[B, K, Ht]`."""
+        with torch.no_grad(), _eval_mode(self.head):
+            return self.head(data_latents.to(self.head.pre_ln.weight.dtype))
+
+    # -- teacher side -------------------------------------------------------------------------------
+
+    def teacher_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        insert_pos: torch.Tensor | None = None,
+        block_latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last hidden states of the teacher `[B, T(+K+2), Ht]`, with `[<bop>, latents, <eop>]` spliced at
+        `insert_pos` when `block_latents` `[B, K, Ht]` is given."""
+        decoder = _decoder_of(self.teacher)
+        embed = self.teacher.get_input_embeddings()
+        if block_latents is None:
+            return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        token_embeds = embed(input_ids)  # [B, T, Ht]
+        markers = embed(torch.tensor([self.settings.bop_id, self.settings.eop_id], device=input_ids.device))
+        batch = input_ids.shape[0]
+        block = torch.cat(
+            [
+                markers[0].expand(batch, 1, -1),
+                block_latents.to(token_embeds.dtype),
+                markers[1].expand(batch, 1, -1),
+            ],
+            dim=1,
+        )  # [B, K+2, Ht]
+        embeds, mask = splice_latent_block(token_embeds, attention_mask, insert_pos, block)
+        return decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        insert_pos: torch.Tensor,
+        student_input_ids: torch.Tensor,
+        student_attention_mask: torch.Tensor,
+        data_latents: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **unused,
+    ) -> dict[str, torch.Tensor]:
+        """Three teacher runs (A: student latent, D: data latent, B: none) and the loss terms.
+
+        Returns `ce_sum`, `n_targets`, `ce`, `kl`, `align` (and, outside training, `ce_no_latent_sum` and
+        `ce_data_latent_sum` over all targets). `loss` combines them with CE normalised by
+        `num_items_in_batch` when given, else by this batch's targets.
+        """
+        cfg = self.settings
+        lm_head = self.teacher.get_output_embeddings()
+        shift = cfg.K + 2
+
+        # Targets: position t (>= 1) with a label, predicted by the output just before t in each run.
+        target_mask = labels != IGNORE_INDEX
+        target_mask[:, 0] = False
+        positions = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)  # [1, T]
+        s = insert_pos.unsqueeze(1)  # [B, 1]
+        window = target_mask & (positions >= s) & (positions < s + cfg.kl_window)
+        window = torch.where(window.any(1, keepdim=True), window, target_mask)  # empty window: all targets
+        spliced_pred = positions + shift * (positions >= s).long() - 1  # [B, T]
+        tb, tt = target_mask.nonzero(as_tuple=True)
+        wb, wt = window.nonzero(as_tuple=True)
+        targets = labels[tb, tt]
+
+        za = self.project_student_latents(self.student_latents(student_input_ids, student_attention_mask))
+        zd = self.project_data_latents(data_latents)
+
+        # Runs D and B first, without gradient: only their window rows (and eval's CE rows) are kept,
+        # so their full hidden states are freed before run A builds its graph.
+        extras = {}
+        with torch.no_grad():
+            hidden_d = self.teacher_hidden(input_ids, attention_mask, insert_pos, zd)
+            rows_d = hidden_d[wb, spliced_pred[wb, wt]]  # [Nw, Ht]
+            entropy_d = chunked_entropy(rows_d, lm_head)
+            if not self.training:
+                extras["ce_data_latent_sum"] = chunked_nll_sum(hidden_d[tb, spliced_pred[tb, tt]], targets, lm_head)
+            del hidden_d
+            hidden_b = self.teacher_hidden(input_ids, attention_mask)
+            entropy_b = chunked_entropy(hidden_b[wb, wt - 1], lm_head)
+            if not self.training:
+                extras["ce_no_latent_sum"] = chunked_nll_sum(hidden_b[tb, tt - 1], targets, lm_head)
+            del hidden_b
+
+        hidden_a = self.teacher_hidden(input_ids, attention_mask, insert_pos, za)  # [B, T+K+2, Ht]
+        ce_sum = chunked_nll_sum(hidden_a[tb, spliced_pred[tb, tt]], targets, lm_head)
+        kl_rows = chunked_kl(hidden_a[wb, spliced_pred[wb, wt]], rows_d, lm_head, cfg.kl_temperature)
+        weights = uncertainty_weights(entropy_b, entropy_d, cfg.uncertainty_quantile, cfg.kl_weighting)
+        kl = weighted_kl(kl_rows, weights)
+        align = alignment_loss(za, zd)
+
+        n_targets = target_mask.sum()
+        denominator = num_items_in_batch if num_items_in_batch is not None else n_targets.clamp(min=1)
+        ce_for_loss = ce_sum / denominator
+        loss = cfg.ce_weight * ce_for_loss + cfg.kl_weight * kl + cfg.align_weight * align
+        return {
+            "loss": loss,
+            "ce_for_loss": ce_for_loss,
+            "ce_sum": ce_sum,
+            "n_targets": n_targets,
+            "ce": ce_sum.detach() / n_targets.clamp(min=1),
+            "kl": kl,
+            "align": align,
+            **extras,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Trainer
+# ----------------------------------------------------------------------------------------------------
+
+TRAIN_TERMS = ("ce", "kl", "align")
+
+
+class LatentCommTrainer(Trainer):
+    """A Trainer whose loss is the latent-communication objective and which saves only the trained parts.
+
+    Gradient accumulation: CE is a sum over tokens divided by the token count of the whole accumulated
+    (and, by default, cross-device) batch; KL and Align are per-micro-batch means divided by the number of
+    accumulation steps. The loss is therefore already scaled when it reaches `training_step`.
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, latent_run: "LatentRun", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.latent_run = latent_run
+        self._train_sums: dict[str, torch.Tensor] = {}
+        self._train_count = 0
+        self._eval_sums: dict[str, torch.Tensor] = {}
+
+    # -- loss and logging -----------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(**inputs, num_items_in_batch=num_items_in_batch)
+        cfg = self.latent_run.settings
+        if model.training and num_items_in_batch is not None:
+            ce = out["ce_for_loss"]
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                # num_items_in_batch counts every device's tokens; DDP averages gradients over devices.
+                ce = ce * self.args.world_size
+            others = (cfg.kl_weight * out["kl"] + cfg.align_weight * out["align"]) / max(
+                self.current_gradient_accumulation_steps, 1
+            )
+            loss = cfg.ce_weight * ce + others
+        else:
+            loss = out["loss"] / (max(self.current_gradient_accumulation_steps, 1) if model.training else 1)
+        if model.training:
+            for name in TRAIN_TERMS:
+                value = out[name].detach().float()
+                self._train_sums[name] = self._train_sums.get(name, 0) + value
+            self._train_count += 1
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._train_count:
+            # Every rank reaches `log` (the Trainer gathers the loss just before), so the reduce is safe.
+            values = torch.stack([self._train_sums[name] for name in TRAIN_TERMS]) / self._train_count
+            values = self.accelerator.reduce(values.to(self.args.device), reduction="mean")
+            logs.update({name: round(v, 6) for name, v in zip(TRAIN_TERMS, values.tolist())})
+            self._train_sums, self._train_count = {}, 0
+        super().log(logs, start_time)
+
+    # -- evaluation -------------------------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            out = model(**inputs)
+        batch = float(inputs["input_ids"].shape[0])
+        sums = {
+            "ce_sum": out["ce_sum"],
+            "n_targets": out["n_targets"].float(),
+            "kl": out["kl"] * batch,
+            "align": out["align"] * batch,
+            "ce_no_latent_sum": out["ce_no_latent_sum"],
+            "ce_data_latent_sum": out["ce_data_latent_sum"],
+            "n_samples": torch.tensor(batch, device=out["ce_sum"].device),
+        }
+        for name, value in sums.items():
+            self._eval_sums[name] = self._eval_sums.get(name, 0) + value.detach().float()
+        return out["loss"].detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        self._eval_sums = {}
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        prefix = metric_key_prefix
+        if self._eval_sums:
+            names = sorted(self._eval_sums)
+            totals = torch.stack([self._eval_sums[n].to(self.args.device) for n in names])
+            totals = dict(zip(names, self.accelerator.reduce(totals, reduction="sum").tolist()))
+            cfg = self.latent_run.settings
+            n_tokens, n_samples = max(totals["n_targets"], 1.0), max(totals["n_samples"], 1.0)
+            terms = {
+                "ce": totals["ce_sum"] / n_tokens,
+                "kl": totals["kl"] / n_samples,
+                "align": totals["align"] / n_samples,
+                "ce_no_latent": totals["ce_no_latent_sum"] / n_tokens,
+                "ce_data_latent": totals["ce_data_latent_sum"] / n_tokens,
+            }
+            # Token-weighted over the whole eval set, unlike the Trainer's mean of per-batch losses.
+            terms["loss"] = cfg.ce_weight * terms["ce"] + cfg.kl_weight * terms["kl"] + cfg.align_weight * terms["align"]
+            output.metrics.update({f"{prefix}_{name}": value for name, value in terms.items()})
+        self._eval_sums = {}
+        return output
+
+    # -- saving and loading -----------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        save_trained_parts(model, self.latent_run, output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        load_trained_parts(model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info(
+            "Loading best model from %s (eval_loss %s).", self.state.best_model_checkpoint, self.state.best_metric
+        )
+        load_trained_parts(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving and loading the trained parts
+# ----------------------------------------------------------------------------------------------------
+
+LATENT_MODULE_PREFIXES = ("lat_bos", "h2e.", "student_proj.", "head.")
+
+
+@dataclass
+class LatentRun:
+    """Everything besides the model that a run needs to save and rebuild itself."""
+
+    settings: LatentSettings
+    teacher_tokenizer: Any
+    student_tokenizer: Any
+    config: dict[str, Any]
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+
+    versions = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+    }
+    try:
+        import deepspeed
+
+        versions["deepspeed"] = deepspeed.__version__
+    except Exception:  # deepspeed is optional at run time
+        pass
+    return versions
+
+
+def _marker_rows(teacher: nn.Module, settings: LatentSettings, state_dict: dict | None) -> dict[str, torch.Tensor]:
+    """The teacher's embedding rows of `<bop>` and `<eop>` (and their output rows when untied)."""
+    ids = [settings.bop_id, settings.eop_id]
+    rows = {}
+    named = {"input": teacher.get_input_embeddings(), "output": teacher.get_output_embeddings()}
+    for kind, module in named.items():
+        if module is None or (kind == "output" and module.weight is named["input"].weight):
+            continue
+        weight = module.weight
+        if state_dict is not None:
+            key = next((k for k, v in teacher.named_parameters() if v is weight), None)
+            weight = state_dict.get(f"teacher.{key}", weight)
+        rows[kind] = weight[ids].detach().float().cpu().contiguous()
+    return rows
+
+
+def save_trained_parts(model: LatentCommModel, run: LatentRun, output_dir: str, state_dict: dict | None = None):
+    """Write the student, bridge, head, marker rows, tokenizers and latent_config.json (never the teacher)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(output_dir, exist_ok=True)
+    full = state_dict if state_dict is not None else model.state_dict()
+    student_state = {k[len("student.") :]: v for k, v in full.items() if k.startswith("student.")}
+    model.student.save_pretrained(os.path.join(output_dir, STUDENT_DIR), state_dict=student_state)
+    run.student_tokenizer.save_pretrained(os.path.join(output_dir, STUDENT_DIR))
+    latent_state = {
+        k: v.detach().cpu().contiguous() for k, v in full.items() if k.startswith(LATENT_MODULE_PREFIXES)
+    }
+    save_file(latent_state, os.path.join(output_dir, LATENT_MODULES_NAME), metadata={"format": "pt"})
+    save_file(_marker_rows(model.teacher, run.settings, state_dict), os.path.join(output_dir, TEACHER_MARKERS_NAME))
+    run.teacher_tokenizer.save_pretrained(os.path.join(output_dir, TEACHER_TOKENIZER_DIR))
+    config = {**run.config, "versions": library_versions()}
+    Path(output_dir, LATENT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise LatentCommError(f"no safetensors weights in {directory}")
+    state = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def load_trained_parts(model: LatentCommModel, checkpoint_dir: str) -> None:
+    """Load what `save_trained_parts` wrote into an existing model (resume, best model, reload)."""
+    from safetensors.torch import load_file
+
+    student_state = _read_safetensors_dir(os.path.join(checkpoint_dir, STUDENT_DIR))
+    result = model.student.load_state_dict(student_state, strict=False)
+    tied = {k for k in result.missing_keys if _is_tied_key(model.student, k)}
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise LatentCommError(
+            f"student weights in {checkpoint_dir} do not match: missing {sorted(set(result.missing_keys) - tied)}, "
+            f"unexpected {result.unexpected_keys}"
+        )
+    latent_state = load_file(os.path.join(checkpoint_dir, LATENT_MODULES_NAME))
+    expected = {k for k in model.state_dict() if k.startswith(LATENT_MODULE_PREFIXES)}
+    if set(latent_state) != expected:
+        raise LatentCommError(
+            f"{LATENT_MODULES_NAME} in {checkpoint_dir} does not match the model: missing "
+            f"{sorted(expected - set(latent_state))}, unexpected {sorted(set(latent_state) - expected)}"
+        )
+    model.load_state_dict(latent_state, strict=False)
+    markers = load_file(os.path.join(checkpoint_dir, TEACHER_MARKERS_NAME))
+    ids = [model.settings.bop_id, model.settings.eop_id]
+    with torch.no_grad():
+        for kind, module in (("input", model.teacher.get_input_embeddings()), ("output", model.teacher.get_output_embeddings())):
+            if kind in markers:
+                module.weight[ids] = markers[kind].to(module.weight.dtype).to(module.weight.device)
+
+
+def _is_tied_key(model: nn.Module, key: str) -> bool:
+    """True when parameter `key` shares its storage with another parameter (tied embeddings)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if key not in params:
+        return False
+    return any(p is params[key] for other, p in params.items() if other != key)
+
+
+def load_latent_model(
+    output_dir: str,
+    teacher_model_name_or_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[LatentCommModel, LatentRun]:
+    """Rebuild a trained model from an output directory (or checkpoint) plus the teacher's weights.
+
+    The teacher comes from `teacher_model_name_or_path`, else from the path recorded at training time.
+    Returns the model in eval mode and the run (tokenizers, settings, config).
+    """
+    config_path = Path(output_dir, LATENT_CONFIG_NAME)
+    if not config_path.is_file():
+        raise LatentCommError(f"{output_dir} has no {LATENT_CONFIG_NAME}: not a trained output directory")
+    config = json.loads(config_path.read_text())
+    teacher_path = teacher_model_name_or_path or config["teacher_model_name_or_path"]
+    load_kwargs = dict(trust_remote_code=trust_remote_code, attn_implementation=attn_implementation or "sdpa")
+    teacher_tokenizer = AutoTokenizer.from_pretrained(
+        os.path.join(output_dir, TEACHER_TOKENIZER_DIR), trust_remote_code=trust_remote_code
+    )
+    student_tokenizer = AutoTokenizer.from_pretrained(
+        os.path.join(output_dir, STUDENT_DIR), trust_remote_code=trust_remote_code
+    )
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, **load_kwargs)
+    if len(teacher_tokenizer) > teacher.get_input_embeddings().weight.shape[0]:
+        teacher.resize_token_embeddings(len(teacher_tokenizer), mean_resizing=False)
+    student = AutoModelForCausalLM.from_pretrained(
+        os.path.join(output_dir, STUDENT_DIR), dtype=torch.float32, **load_kwargs
+    )
+    settings = LatentSettings(**config["settings"])
+    model = LatentCommModel(teacher, student, settings, config["head_num_heads"], config["head_dropout"])
+    load_trained_parts(model, output_dir)
+    return model.eval(), LatentRun(settings, teacher_tokenizer, student_tokenizer, config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building tokenizers, datasets and models
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_tokenizers(model_args: ModelArguments, data_args: DataArguments):
+    """Teacher tokenizer with `<bop>`/`<eop>` added (existing special tokens kept) and the student tokenizer.
+
+    Returns `(teacher_tokenizer, student_tokenizer, new_marker_ids)`; `new_marker_ids` are the markers this
+    call added, whose embedding rows must be initialised.
+    """
+    remote = model_args.trust_remote_code
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(model_args.teacher_model_name_or_path, trust_remote_code=remote)
+    except Exception as err:
+        raise LatentCommError(f"cannot load the teacher tokenizer from {model_args.teacher_model_name_or_path}: {err}") from None
+    vocab = teacher_tokenizer.get_vocab()
+    new_markers = [m for m in (BOP_TOKEN, EOP_TOKEN) if m not in vocab]
+    # add_tokens(special_tokens=True) keeps the tokenizer's other special tokens (add_special_tokens would not).
+    teacher_tokenizer.add_tokens(new_markers, special_tokens=True)
+    vocab = teacher_tokenizer.get_vocab()
+    if BOP_TOKEN not in vocab or EOP_TOKEN not in vocab:
+        raise LatentCommError("Missing <bop>/<eop> in tokenizer!")
+    new_marker_ids = [vocab[m] for m in new_markers]
+
+    try:
+        student_tokenizer = AutoTokenizer.from_pretrained(model_args.student_model_name_or_path, trust_remote_code=remote)
+    except Exception:
+        logger.warning("No tokenizer at %s: the student uses the teacher's.", model_args.student_model_name_or_path)
+        student_tokenizer = AutoTokenizer.from_pretrained(model_args.teacher_model_name_or_path, trust_remote_code=remote)
+    if data_args.conversation_format == "chat":
+        for name, tok in (("teacher", teacher_tokenizer), ("student", student_tokenizer)):
+            if not getattr(tok, "chat_template", None):
+                raise LatentCommError(
+                    f"--conversation_format chat needs a chat template, and the {name} tokenizer has none; "
+                    "use --conversation_format plain"
+                )
+    return teacher_tokenizer, student_tokenizer, new_marker_ids
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def build_datasets(model_args, data_args, latent_args, training_args, teacher_tokenizer, student_tokenizer):
+    """Load, validate, tokenize and split the data before any model weights load (SPEC 1.3).
+
+    Returns `(train_dataset, eval_dataset or None, collator)`.
+    """
+    try:
+        teacher_config = AutoConfig.from_pretrained(
+            model_args.teacher_model_name_or_path, trust_remote_code=model_args.trust_remote_code
+        )
+    except Exception as err:
+        raise LatentCommError(f"cannot read the teacher config of {model_args.teacher_model_name_or_path}: {err}") from None
+    hidden_size = _hidden_size(teacher_config)
+
+    problems = ProblemLog()
+    records = load_records(data_args.data_path)
+    conversations = parse_conversations(records, problems)
+    store = HiddenStateStore(data_args.hf_hidden_repo)
+    conversations = check_hidden_states(conversations, store, hidden_size, problems)
+    samples = encode_conversations(
+        conversations, store, teacher_tokenizer, student_tokenizer, data_args, latent_args.K, problems
+    )
+    if problems:
+        n_bad = len(problems.bad_ids())
+        message = f"{data_args.data_path}: {n_bad} of {len(records)} records are invalid: {problems.summary()}"
+        if not data_args.skip_invalid_samples:
+            raise LatentCommError(message + ". Fix them, or pass --skip_invalid_samples to drop them.")
+        logger.warning("Dropping invalid records (--skip_invalid_samples). %s", message)
+    if not samples:
+        raise LatentCommError(f"{data_args.data_path}: no usable records")
+
+    train_idx, eval_idx = split_train_eval(len(samples), data_args.eval_ratio, training_args.seed)
+    if not eval_idx:
+        logger.warning("--eval_ratio is 0: no evaluation and no early stopping in this run.")
+    logger.info("Records: %d usable, %d train, %d eval.", len(samples), len(train_idx), len(eval_idx))
+    train_dataset = LatentCommDataset([samples[i] for i in train_idx], store, latent_args.K)
+    eval_dataset = LatentCommDataset([samples[i] for i in eval_idx], store, latent_args.K) if eval_idx else None
+    collator = LatentCommCollator(_pad_id(teacher_tokenizer), _pad_id(student_tokenizer))
+    return train_dataset, eval_dataset, collator
+
+
+def choose_attn_implementation(requested: str | None) -> str:
+    """flash_attention_2 when CUDA and flash_attn are both there, else sdpa; a flag overrides."""
+    if requested:
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    if torch.cuda.is_available() and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def teacher_dtype(training_args: TrainingArguments) -> torch.dtype:
+    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+
+
+def _init_marker_rows(teacher: nn.Module, new_marker_ids: list[int], n_original: int) -> None:
+    """Rows of markers new to the tokenizer start at the mean of the original vocabulary's rows."""
+    if not new_marker_ids:
+        return
+    with torch.no_grad():
+        for module in {id(m): m for m in (teacher.get_input_embeddings(), teacher.get_output_embeddings()) if m is not None}.values():
+            weight = module.weight
+            weight[new_marker_ids] = weight[:n_original].float().mean(0).to(weight.dtype)
+
+
+def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_marker_ids) -> LatentCommModel:
+    attn = choose_attn_implementation(model_args.attn_implementation)
+    # The student keeps float32 weights (trained under autocast); flash-attention needs half weights, so the
+    # student uses sdpa unless a kernel was asked for.
+    student_attn = model_args.attn_implementation or "sdpa"
+    logger.info("Attention: teacher %s, student %s.", attn, student_attn)
+    remote = model_args.trust_remote_code
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(
+            model_args.teacher_model_name_or_path,
+            dtype=teacher_dtype(training_args),
+            attn_implementation=attn,
+            trust_remote_code=remote,
+        )
+        student = AutoModelForCausalLM.from_pretrained(
+            model_args.student_model_name_or_path,
+            dtype=torch.float32,
+            attn_implementation=student_attn,
+            trust_remote_code=remote,
+        )
+    except (OSError, ValueError, ImportError) as err:
+        raise LatentCommError(f"cannot load models: {str(err).splitlines()[0]}") from None
+
+    rows = teacher.get_input_embeddings().weight.shape[0]
+    n_original = len(teacher_tokenizer) - len(new_marker_ids)
+    if len(teacher_tokenizer) > rows:  # never shrink: Qwen2.5 has spare rows that already fit the markers
+        teacher.resize_token_embeddings(len(teacher_tokenizer), mean_resizing=False)
+    _init_marker_rows(teacher, new_marker_ids, n_original)
+
+    teacher_hidden = _hidden_size(teacher.config)
+    if teacher_hidden % latent_args.head_num_heads:
+        raise LatentCommError(
+            f"--head_num_heads {latent_args.head_num_heads} must divide the teacher hidden size {teacher_hidden}"
+        )
+    vocab = teacher_tokenizer.get_vocab()
+    settings = LatentSettings(
+        K=latent_args.K,
+        bop_id=vocab[BOP_TOKEN],
+        eop_id=vocab[EOP_TOKEN],
+        ce_weight=latent_args.ce_weight,
+        kl_weight=latent_args.kl_weight,
+        align_weight=latent_args.align_weight,
+        kl_window=latent_args.kl_window,
+        kl_temperature=latent_args.kl_temperature,
+        uncertainty_quantile=latent_args.uncertainty_quantile,
+        kl_weighting=latent_args.kl_weighting,
+    )
+    model = LatentCommModel(teacher, student, settings, latent_args.head_num_heads, latent_args.head_dropout)
+    if latent_args.hidden_head_ckpt:
+        load_head_checkpoint(model.head, latent_args.hidden_head_ckpt)
+        logger.info("Loaded HiddenStateHead from %s.", latent_args.hidden_head_ckpt)
+    if latent_args.freeze_head:
+        model.head.requires_grad_(False)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    logger.info("Trainable parameters: %.1fM; frozen teacher: %.1fM.", n_trainable / 1e6, n_teacher / 1e6)
+    return model
+
+
+def run_config(model_args, data_args, latent_args, model: LatentCommModel) -> dict[str, Any]:
+    """The contents of latent_config.json: what `load_latent_model` needs to rebuild the run."""
+    return {
+        "format_version": 1,
+        "teacher_model_name_or_path": model_args.teacher_model_name_or_path,
+        "student_model_name_or_path": model_args.student_model_name_or_path,
+        "teacher_hidden_size": _hidden_size(model.teacher.config),
+        "student_hidden_size": _hidden_size(model.student.config),
+        "conversation_format": data_args.conversation_format,
+        "plan_prompt": data_args.plan_prompt,
+        "model_max_length": data_args.model_max_length,
+        "student_max_length": data_args.student_max_length,
+        "bop_token": BOP_TOKEN,
+        "eop_token": EOP_TOKEN,
+        "head_num_heads": latent_args.head_num_heads,
+        "head_dropout": latent_args.head_dropout,
+        "settings": dataclasses.asdict(model.settings),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demo assets: tiny offline models and ALFWorld-like data, built the same way real ones are loaded
+# ----------------------------------------------------------------------------------------------------
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_DEMO_OBJECTS = ["mug", "apple", "book", "knife", "towel", "plate", "pen", "bowl", "cup", "key"]
+_DEMO_PLACES = ["countertop 1", "desk 1", "shelf 2", "cabinet 3", "drawer 1", "sinkbasin 1", "table 1", "fridge 1"]
+_DEMO_TARGETS = ["coffeemachine 1", "garbagecan 1", "dresser 1", "sidetable 1", "microwave 1", "bed 1"]
+
+
+def demo_conversations(n_records: int, seed: int = 0) -> tuple[list[dict], dict[str, str]]:
+    """ALFWorld-like multi-turn records and one plan per record."""
+    rng = np.random.default_rng(seed)
+    records, plans = [], {}
+    for i in range(n_records):
+        obj = _DEMO_OBJECTS[rng.integers(len(_DEMO_OBJECTS))]
+        place = _DEMO_PLACES[rng.integers(len(_DEMO_PLACES))]
+        target = _DEMO_TARGETS[rng.integers(len(_DEMO_TARGETS))]
+        detour = _DEMO_PLACES[rng.integers(len(_DEMO_PLACES))]
+        turns = [
+            {"from": "human", "value": "Interact with a household to solve a task. Act with one command per turn."},
+            {"from": "gpt", "value": "OK"},
+            {"from": "human", "value": f"You are in the middle of a room. Your task is to: put a {obj} in {target}."},
+            {"from": "gpt", "value": f"Think: the {obj} is likely on the {place}.\nAct: go to {detour}"},
+            {"from": "human", "value": f"On the {detour}, you see nothing useful."},
+            {"from": "gpt", "value": f"Act: go to {place}"},
+            {"from": "human", "value": f"On the {place}, you see a {obj} 1."},
+            {"from": "gpt", "value": f"Act: take {obj} 1 from {place}"},
+            {"from": "human", "value": f"You pick up the {obj} 1."},
+            {"from": "gpt", "value": f"Act: go to {target}\nAct: put {obj} 1 in/on {target}"},
+        ]
+        if i % 3 == 0:
+            turns.insert(0, {"from": "system", "value": "You are a careful household agent."})
+        record_id = f"task-{i}"
+        records.append({"id": record_id, "conversations": turns})
+        plans[record_id] = f"1. search {place} for the {obj}. 2. take the {obj}. 3. go to {target}. 4. put it there."
+    return records, plans
+
+
+def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 600):
+    """A byte-level BPE tokenizer with Qwen2's pre-tokenizer (so AutoTokenizer reloads the same ids)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:],
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+def build_tiny_causal_lm(vocab_size: int, hidden_size: int, layers: int = 2, tie: bool = False, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def build_demo_assets(root: str | os.PathLike, n_records: int = 12, seed: int = 0) -> dict[str, str]:
+    """Write a tiny teacher (hidden 64) and student (hidden 48), their tokenizers, conversations and a
+    hidden-state dataset made by the teacher from each record's plan. Returns the four paths."""
+    import datasets
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    records, plans = demo_conversations(n_records, seed)
+    corpus = [t["value"] for r in records for t in r["conversations"]] + list(plans.values()) + [DEFAULT_PLAN_PROMPT]
+    tokenizer = build_tiny_tokenizer(corpus * 4)
+    # Spare rows beyond the vocabulary, as Qwen2.5 has: the markers then fit without a resize.
+    vocab_rows = len(tokenizer) + 6
+    teacher = build_tiny_causal_lm(vocab_rows, 64, tie=False, seed=seed)
+    student = build_tiny_causal_lm(vocab_rows, 48, tie=True, seed=seed + 1)
+    paths = {name: str(root / name) for name in ("teacher", "student", "hidden_states")}
+    paths["data"] = str(root / "conversations.json")
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    Path(paths["data"]).write_text(json.dumps(records, indent=1))
+
+    hidden_states = []
+    with torch.no_grad():
+        for record in records:
+            ids = tokenizer(plans[record["id"]], return_tensors="pt")["input_ids"]
+            hidden_states.append(teacher.model(input_ids=ids).last_hidden_state[0].numpy())
+    datasets.Dataset.from_dict(
+        {"task_id": [r["id"] for r in records], "hidden_state": hidden_states, "plan": [plans[r["id"]] for r in records]}
+    ).save_to_disk(paths["hidden_states"])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
+    )
+    main_process = training_args.process_index == 0
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    if training_args.log_level != "passive":
+        transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    else:
+        transformers.utils.logging.set_verbosity_warning()
+    import datasets
+
+    datasets.utils.logging.set_verbosity_warning()
+
+
+def write_run_args(output_dir: str, *arg_groups) -> None:
+    record = {type(group).__name__: json.loads(json.dumps(dataclasses.asdict(group), default=str)) for group in arg_groups}
+    record["versions"] = library_versions()
+    record["argv"] = sys.argv
+    os.makedirs(output_dir, exist_ok=True)
+    Path(output_dir, RUN_ARGS_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
+
+
+def resolve_resume(training_args: TrainingArguments) -> str | None:
+    resume = training_args.resume_from_checkpoint
+    if resume is None or resume.lower() in ("", "false", "none"):
+        return None
+    if resume.lower() in ("true", "last", "latest"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise LatentCommError(f"--resume_from_checkpoint {resume}: no checkpoint in {training_args.output_dir}")
+        return last
+    if not Path(resume, LATENT_MODULES_NAME).is_file():
+        raise LatentCommError(f"--resume_from_checkpoint {resume} is not a checkpoint of this tool")
+    return resume
+
+
+def _summary_line(entry: dict[str, float], keys: Iterable[str]) -> str:
+    return ", ".join(f"{k} {entry[k]:.4f}" for k in keys if k in entry)
+
+
+def print_summary(trainer: LatentCommTrainer, output_dir: str, elapsed: float) -> None:
+    history = trainer.state.log_history
+    train_logs = [h for h in history if "ce" in h and "loss" in h]
+    eval_logs = [h for h in history if "eval_ce" in h]
+    lines = [f"Done in {elapsed:.0f}s, {trainer.state.global_step} optimizer steps."]
+    if train_logs:
+        lines.append("  train start: " + _summary_line(train_logs[0], ("loss", "ce", "kl", "align")))
+        lines.append("  train end:   " + _summary_line(train_logs[-1], ("loss", "ce", "kl", "align")))
+    if eval_logs:
+        keys = ("eval_loss", "eval_ce", "eval_kl", "eval_align", "eval_ce_no_latent", "eval_ce_data_latent")
+        lines.append("  eval start:  " + _summary_line(eval_logs[0], keys))
+        lines.append("  eval end:    " + _summary_line(eval_logs[-1], keys))
+    lines.append(f"  trained parts: {os.path.abspath(output_dir)} (student/, {LATENT_MODULES_NAME}, {LATENT_CONFIG_NAME})")
+    print("\n".join(lines), flush=True)
+
+
+def run_training(model_args, data_args, latent_args, training_args) -> LatentCommTrainer:
+    """Build everything, train, evaluate and save; returns the trainer."""
+    teacher_tokenizer, student_tokenizer, new_marker_ids = build_tokenizers(model_args, data_args)
+    train_dataset, eval_dataset, collator = build_datasets(
+        model_args, data_args, latent_args, training_args, teacher_tokenizer, student_tokenizer
+    )
+    resume = resolve_resume(training_args)
+    model = build_models(model_args, latent_args, training_args, teacher_tokenizer, new_marker_ids)
+    run = LatentRun(model.settings, teacher_tokenizer, student_tokenizer, run_config(model_args, data_args, latent_args, model))
+    if training_args.process_index == 0:
+        write_run_args(training_args.output_dir, model_args, data_args, latent_args, training_args)
+
+    callbacks = []
+    if eval_dataset is not None and training_args.early_stopping_patience > 0:
+        if training_args.load_best_model_at_end:
+            callbacks.append(
+                EarlyStoppingCallback(training_args.early_stopping_patience, training_args.early_stopping_threshold)
+            )
+        else:
+            logger.warning("Early stopping needs --load_best_model_at_end; it is off for this run.")
+    trainer = LatentCommTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        callbacks=callbacks,
+        latent_run=run,
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return trainer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import time
+
+    start = time.time()
+    try:
+        model_args, data_args, latent_args, training_args = parse_args(argv)
+        setup_logging(training_args)
+        if data_args.demo:
+            assets = build_demo_assets(Path(training_args.output_dir) / "demo_assets")
+            model_args.teacher_model_name_or_path = model_args.teacher_model_name_or_path or assets["teacher"]
+            model_args.student_model_name_or_path = model_args.student_model_name_or_path or assets["student"]
+            data_args.data_path = data_args.data_path or assets["data"]
+            data_args.hf_hidden_repo = data_args.hf_hidden_repo or assets["hidden_states"]
+            logger.info("Demo assets written to %s.", Path(assets["data"]).parent)
+        trainer = run_training(model_args, data_args, latent_args, training_args)
+    except LatentCommError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    if training_args.process_index == 0:
+        print_summary(trainer, training_args.output_dir, time.time() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
