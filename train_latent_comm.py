@@ -312,8 +312,12 @@ def parse_args(argv: Sequence[str] | None = None):
         parser.set_defaults(**defaults)
 
     # Without an eval split there is nothing to evaluate or stop early on, so those modes are switched off.
-    probe = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    if probe[1].eval_ratio <= 0:
+    probe_parser = HfArgumentParser(DataArguments)
+    probe_parser.set_defaults(**{k: v for k, v in defaults.items() if k in DataArguments.__dataclass_fields__})
+    data_probe, _ = probe_parser.parse_args_into_dataclasses(
+        args=argv, look_for_args_file=False, return_remaining_strings=True
+    )
+    if data_probe.eval_ratio <= 0:
         argv = argv + ["--eval_strategy", "no", "--load_best_model_at_end", "False"]
     try:
         model_args, data_args, latent_args, training_args = parser.parse_args_into_dataclasses(
@@ -323,8 +327,8 @@ def parse_args(argv: Sequence[str] | None = None):
         raise LatentCommError(str(err).replace("\n", " ")) from None
 
     if not data_args.demo:
-        missing = [name for name in REQUIRED_ARGUMENTS if getattr(model_args, name, None) is None]
-        missing += [name for name in REQUIRED_ARGUMENTS if getattr(data_args, name, None) is None]
+        given = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args)}
+        missing = [name for name in REQUIRED_ARGUMENTS if given[name] is None]
         if missing:
             raise LatentCommError("Missing required arguments: " + ", ".join(f"--{name}" for name in missing))
     validate_args(data_args, latent_args, training_args)
@@ -1947,6 +1951,7 @@ def run_training(model_args, data_args, latent_args, training_args) -> LatentCom
         model_args, data_args, latent_args, training_args, teacher_tokenizer, student_tokenizer
     )
     resume = resolve_resume(training_args)
+    transformers.set_seed(training_args.seed)  # the bridge and head initialisation depend on it
     model = build_models(model_args, latent_args, training_args, teacher_tokenizer, new_marker_ids)
     run = LatentRun(model.settings, teacher_tokenizer, student_tokenizer, run_config(model_args, data_args, latent_args, model))
     if training_args.process_index == 0:
