@@ -275,15 +275,12 @@ DEMO_DEFAULTS = dict(
 
 
 def _load_config_file(path: str) -> dict[str, Any]:
+    import yaml
+
     try:
         text = Path(path).read_text()
-        if path.endswith(".json"):
-            config = json.loads(text)
-        else:
-            import yaml
-
-            config = yaml.safe_load(text)
-    except (OSError, ValueError) as err:
+        config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
         raise LatentCommError(f"cannot read config file {path}: {err}") from None
     if not isinstance(config, dict):
         raise LatentCommError(f"config file {path} must hold a mapping of flag names to values")

@@ -1,0 +1,787 @@
+"""Data side of train_latent_comm.py: loading, validation, rendering, splice positions, truncation,
+student prompts, splitting, collation, data latents, argument and config parsing, and the CLI's
+validation errors (one line, exit status 2, before any model weights load).
+
+Expected values are computed independently: token ids by tokenizing each piece by hand, chat prefixes by
+rendering the tokenizer's template directly.
+"""
+
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_latent_comm as tlc
+from conftest import SCRIPT
+
+IGNORE = -100
+IM_END = "<|im_end|>"
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _conversation(*messages, record_id="r-1"):
+    """Build a Conversation through parse_conversations (so role aliases are resolved the real way)."""
+    records = [{"id": record_id, "conversations": [{"from": f, "value": v} for f, v in messages]}]
+    problems = tlc.ProblemLog()
+    convs = tlc.parse_conversations(records, problems)
+    assert not problems, problems.summary()
+    assert len(convs) == 1
+    return convs[0]
+
+
+def _ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _decode(tok, ids):
+    return tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _data_args(**kwargs):
+    return tlc.DataArguments(**kwargs)
+
+
+def _encode(conv, tok, student_tok, K=5, **data_kwargs):
+    return tlc.encode_conversation(conv, 0, tok, student_tok, _data_args(**data_kwargs), K)
+
+
+def _runs(mask):
+    """Contiguous [start, end) runs where mask is True."""
+    runs, start = [], None
+    for i, m in enumerate(list(mask) + [False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _template(tok, messages):
+    return tok.apply_chat_template(
+        [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=False
+    )
+
+
+MULTI_TURN = (
+    ("system", "You are a careful household agent."),
+    ("human", "You are in the middle of a room. Your task is to: put a mug in desk 1."),
+    ("gpt", "Think: the mug is likely on the shelf 2.\nAct: go to shelf 2"),
+    ("human", "On the shelf 2, you see a mug 1."),
+    ("gpt", "Act: take mug 1 from shelf 2"),
+)
+CANON = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+@pytest.fixture(scope="module")
+def student_tokenizer(assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets["student"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. parsing and plain rendering
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_parse_conversations_roles_ids_and_usability():
+    records = [
+        {"id": "a", "conversations": [{"from": "Human", "value": "hi"}, {"from": "GPT", "value": "ok"}]},
+        {"id": 7, "conversations": [{"from": "USER", "value": "hi"}, {"from": "Assistant", "value": "ok"}]},
+        # assistant before the first user message is fine as long as one follows it
+        {"id": "c", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"},
+                                      {"from": "gpt", "value": "z"}]},
+        {"id": "no-user", "conversations": [{"from": "system", "value": "s"}, {"from": "gpt", "value": "z"}]},
+        {"id": "no-answer", "conversations": [{"from": "gpt", "value": "z"}, {"from": "human", "value": "y"}]},
+        {"id": "bad-role", "conversations": [{"from": "human", "value": "y"}, {"from": "robot", "value": "z"}]},
+        {"id": "a", "conversations": [{"from": "human", "value": "y"}, {"from": "gpt", "value": "z"}]},
+        {"id": "7", "conversations": [{"from": "human", "value": "y"}, {"from": "gpt", "value": "z"}]},
+    ]
+    problems = tlc.ProblemLog()
+    convs = tlc.parse_conversations(records, problems)
+    assert [c.id for c in convs] == ["a", "7", "c"]
+    assert convs[0].messages == [("user", "hi"), ("assistant", "ok")]
+    assert convs[1].messages == [("user", "hi"), ("assistant", "ok")]
+    assert convs[2].first_user_index == 1
+    assert problems.bad_ids() == {"no-user", "no-answer", "bad-role", "a", "7"}
+    summary = problems.summary(max_ids=10)
+    assert "'robot'" in summary or '"robot"' in summary
+    assert "\n" not in summary
+
+
+def test_load_records_json_array_and_json_lines_agree(tmp_path, assets):
+    records = json.loads(Path(assets["data"]).read_text())
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert tlc.load_records(assets["data"]) == records
+    assert tlc.load_records(str(jsonl)) == records
+
+
+def test_plain_rendering_exact_tokens_labels_and_insert_pos(tokenizer, student_tokenizer):
+    conv = _conversation(*MULTI_TURN)
+    sample = _encode(conv, tokenizer, student_tokenizer, K=5)
+
+    expected_ids, expected_labels, insert_pos = [], [], None
+    for i, (role, text) in enumerate(MULTI_TURN):
+        text_ids, nl_ids = _ids(tokenizer, text), _ids(tokenizer, "\n")
+        expected_ids += text_ids + nl_ids
+        expected_labels += (text_ids if role == "gpt" else [IGNORE] * len(text_ids)) + [IGNORE] * len(nl_ids)
+        if i == 1:  # the first human message (after the system message)
+            insert_pos = len(expected_ids)
+
+    assert sample.input_ids.tolist() == expected_ids
+    assert sample.labels.tolist() == expected_labels
+    assert sample.insert_pos == insert_pos
+    # the system message stays before the latent block
+    system_ids = _ids(tokenizer, MULTI_TURN[0][1] + "\n")
+    assert sample.insert_pos > len(system_ids)
+    assert _decode(tokenizer, sample.input_ids[: sample.insert_pos]) == MULTI_TURN[0][1] + "\n" + MULTI_TURN[1][1] + "\n"
+    # supervised tokens are exactly the two assistant texts, in order
+    supervised = sample.labels[sample.labels != IGNORE]
+    assert _decode(tokenizer, supervised) == MULTI_TURN[2][1] + MULTI_TURN[4][1]
+    assert (sample.input_ids[sample.labels != IGNORE] == supervised).all()
+    assert sample.input_ids.dtype == np.int64 and sample.labels.dtype == np.int64
+
+
+def test_plain_insert_pos_without_system_message(tokenizer, student_tokenizer):
+    msgs = MULTI_TURN[1:]
+    sample = _encode(_conversation(*msgs), tokenizer, student_tokenizer)
+    assert sample.insert_pos == len(_ids(tokenizer, msgs[0][1])) + len(_ids(tokenizer, "\n"))
+    # the token right after the block position is the first assistant token, and it is supervised
+    assert sample.labels[sample.insert_pos] == sample.input_ids[sample.insert_pos]
+    assert (sample.labels[: sample.insert_pos] == IGNORE).all()
+
+
+def test_user_and_assistant_role_names_equal_human_and_gpt(tokenizer, student_tokenizer):
+    alias = {"system": "System", "human": "user", "gpt": "ASSISTANT"}
+    a = _encode(_conversation(*MULTI_TURN), tokenizer, student_tokenizer)
+    b = _encode(_conversation(*[(alias[r], t) for r, t in MULTI_TURN]), tokenizer, student_tokenizer)
+    assert a.input_ids.tolist() == b.input_ids.tolist()
+    assert a.labels.tolist() == b.labels.tolist()
+    assert a.insert_pos == b.insert_pos
+    assert a.student_input_ids.tolist() == b.student_input_ids.tolist()
+    for fmt in ("chat",):
+        a = _encode(_conversation(*MULTI_TURN), tokenizer, student_tokenizer, conversation_format=fmt)
+        b = _encode(_conversation(*[(alias[r], t) for r, t in MULTI_TURN]), tokenizer, student_tokenizer,
+                    conversation_format=fmt)
+        assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. chat rendering
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_system", [True, False])
+def test_chat_rendering_prefix_labels_and_headers(tokenizer, student_tokenizer, with_system):
+    msgs = MULTI_TURN if with_system else MULTI_TURN[1:]
+    canon = [(CANON[r], t) for r, t in msgs]
+    first_user = next(i for i, (r, _) in enumerate(canon) if r == "user")
+    sample = _encode(_conversation(*msgs), tokenizer, student_tokenizer, conversation_format="chat")
+    ids, labels = sample.input_ids, sample.labels
+
+    # the whole sequence is the template rendering; the prefix ends right after the first user turn
+    assert _decode(tokenizer, ids) == _template(tokenizer, canon)
+    assert _decode(tokenizer, ids[: sample.insert_pos]) == _template(tokenizer, canon[: first_user + 1])
+    if with_system:
+        assert _decode(tokenizer, ids[: sample.insert_pos]).startswith("<|im_start|>system\n" + msgs[0][1])
+
+    # supervised tokens: each assistant content followed by the <|im_end|> closing its turn, nothing else
+    supervised = labels != IGNORE
+    assert (labels[supervised] == ids[supervised]).all()
+    assistant_texts = [t for r, t in canon if r == "assistant"]
+    runs = _runs(supervised)
+    assert [_decode(tokenizer, ids[s:e]) for s, e in runs] == [t + IM_END for t in assistant_texts]
+    assert _decode(tokenizer, labels[supervised]) == "".join(t + IM_END for t in assistant_texts)
+    im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
+    im_start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    for s, e in runs:
+        assert ids[e - 1] == im_end_id
+        # "<|im_start|>assistant\n" right before the content is unsupervised, the "\n" after is too
+        header = _ids(tokenizer, "<|im_start|>assistant\n")
+        assert ids[s - len(header) : s].tolist() == header
+        assert (labels[s - len(header) : s] == IGNORE).all()
+        assert labels[e] == IGNORE and _decode(tokenizer, ids[e : e + 1]) == "\n"
+    assert not (labels[ids == im_start_id] != IGNORE).any()
+    # only the im_end tokens that close assistant turns are supervised
+    assert int(((ids == im_end_id) & supervised).sum()) == len(assistant_texts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. truncation to --model_max_length
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_truncation_cuts_from_the_end(tokenizer, student_tokenizer):
+    conv = _conversation(*MULTI_TURN)
+    K = 4
+    full = _encode(conv, tokenizer, student_tokenizer, K=K, model_max_length=4096)
+    assert len(full.input_ids) + K + 2 < 4096
+    max_len = full.insert_pos + 8 + K + 2
+    assert max_len - K - 2 < len(full.input_ids)
+    cut = _encode(conv, tokenizer, student_tokenizer, K=K, model_max_length=max_len)
+    assert len(cut.input_ids) == max_len - K - 2 == len(cut.labels)
+    assert cut.input_ids.tolist() == full.input_ids[: max_len - K - 2].tolist()
+    assert cut.labels.tolist() == full.labels[: max_len - K - 2].tolist()
+    assert cut.insert_pos == full.insert_pos
+    # a long enough bound keeps everything
+    exact = _encode(conv, tokenizer, student_tokenizer, K=K, model_max_length=len(full.input_ids) + K + 2)
+    assert exact.input_ids.tolist() == full.input_ids.tolist()
+
+
+def test_truncation_first_user_message_not_fitting_is_unusable(tokenizer, student_tokenizer):
+    conv = _conversation(*MULTI_TURN)
+    K = 4
+    s = _encode(conv, tokenizer, student_tokenizer, K=K).insert_pos
+    with pytest.raises(ValueError):
+        _encode(conv, tokenizer, student_tokenizer, K=K, model_max_length=s + K + 1)
+    with pytest.raises(ValueError):  # s fits exactly but nothing supervised remains
+        _encode(conv, tokenizer, student_tokenizer, K=K, model_max_length=s + K + 2)
+    ok = _encode(conv, tokenizer, student_tokenizer, K=K, model_max_length=s + K + 3)
+    assert len(ok.input_ids) == s + 1 and ok.labels[-1] != IGNORE
+
+
+def test_truncation_keeping_no_supervised_token_is_unusable(tokenizer, student_tokenizer):
+    # the first user message fits, but a second (unsupervised) user message fills the rest
+    msgs = (("human", "Put a mug in desk 1."), ("human", "On the shelf 2, you see a mug 1. " * 4), ("gpt", "Act: go"))
+    conv = _conversation(*msgs)
+    K = 3
+    s = _encode(conv, tokenizer, student_tokenizer, K=K).insert_pos
+    before_answer = s + len(_ids(tokenizer, msgs[1][1])) + len(_ids(tokenizer, "\n"))
+    with pytest.raises(ValueError):
+        _encode(conv, tokenizer, student_tokenizer, K=K, model_max_length=before_answer + K + 2)
+    kept = _encode(conv, tokenizer, student_tokenizer, K=K, model_max_length=before_answer + 1 + K + 2)
+    assert int((kept.labels != IGNORE).sum()) == 1
+    assert kept.labels[-1] == _ids(tokenizer, msgs[2][1])[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. student tokens
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_student_tokens_plan_prompt_then_head_of_conversation(tokenizer, student_tokenizer, fmt):
+    conv = _conversation(*MULTI_TURN)
+    prompt = "Plan the task step by step:"
+    sample = _encode(conv, tokenizer, student_tokenizer, conversation_format=fmt, plan_prompt=prompt)
+    head = [(CANON[r], t) for r, t in MULTI_TURN[:2]]  # system + first user message
+    body = "".join(t + "\n" for _, t in head) if fmt == "plain" else _template(student_tokenizer, head)
+    expected = student_tokenizer(prompt + "\n" + body)["input_ids"]
+    assert sample.student_input_ids.tolist() == expected
+    prefix = student_tokenizer(prompt + "\n")["input_ids"]
+    assert sample.student_input_ids[: len(prefix)].tolist() == prefix
+    text = _decode(student_tokenizer, sample.student_input_ids)
+    assert MULTI_TURN[2][1] not in text and MULTI_TURN[3][1] not in text
+    # the default plan prompt is used when none is given
+    default = _encode(conv, tokenizer, student_tokenizer, conversation_format=fmt)
+    assert _decode(student_tokenizer, default.student_input_ids).startswith(tlc.DEFAULT_PLAN_PROMPT + "\n")
+
+
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_student_max_length_keeps_prompt_and_end_of_conversation(tokenizer, student_tokenizer, fmt):
+    conv = _conversation(*MULTI_TURN)
+    head = [(CANON[r], t) for r, t in MULTI_TURN[:2]]
+    body = "".join(t + "\n" for _, t in head) if fmt == "plain" else _template(student_tokenizer, head)
+    prefix_ids = student_tokenizer(tlc.DEFAULT_PLAN_PROMPT + "\n")["input_ids"]
+    body_ids = student_tokenizer(body, add_special_tokens=False)["input_ids"]
+    assert len(body_ids) > 10
+
+    cut = _encode(conv, tokenizer, student_tokenizer, conversation_format=fmt, student_max_length=len(prefix_ids) + 6)
+    assert len(cut.student_input_ids) == len(prefix_ids) + 6
+    assert cut.student_input_ids.tolist() == prefix_ids + body_ids[-6:]
+
+    tiny = _encode(conv, tokenizer, student_tokenizer, conversation_format=fmt, student_max_length=2)
+    assert tiny.student_input_ids[: len(prefix_ids)].tolist() == prefix_ids  # the plan prompt is always kept
+    assert tiny.student_input_ids[len(prefix_ids):].tolist() == body_ids[-len(tiny.student_input_ids) + len(prefix_ids):]
+    # teacher side is untouched by the student bound
+    full = _encode(conv, tokenizer, student_tokenizer, conversation_format=fmt)
+    assert cut.input_ids.tolist() == full.input_ids.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. train / eval split
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_split_train_eval():
+    train, evals = tlc.split_train_eval(100, 0.2, seed=3)
+    assert (train, evals) == tlc.split_train_eval(100, 0.2, seed=3)
+    assert len(evals) == 20
+    assert not set(train) & set(evals)
+    assert sorted(train + evals) == list(range(100))
+    others = [tlc.split_train_eval(100, 0.2, seed=s)[1] for s in range(4, 9)]
+    assert any(o != evals for o in others)  # the seed matters
+
+    for n, ratio in [(3, 0.01), (50, 0.001), (2, 0.1)]:
+        train, evals = tlc.split_train_eval(n, ratio, seed=0)
+        assert len(evals) >= 1 and len(train) >= 1 and sorted(train + evals) == list(range(n))
+    assert tlc.split_train_eval(5, 0.0, seed=0) == (list(range(5)), [])
+    assert tlc.split_train_eval(1, 0.0, seed=0) == ([0], [])
+    with pytest.raises(tlc.LatentCommError):
+        tlc.split_train_eval(1, 0.05, seed=0)
+    with pytest.raises(tlc.LatentCommError):
+        tlc.split_train_eval(4, 0.9, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6 / 7. data latents, dataset and collator
+# ----------------------------------------------------------------------------------------------------
+
+
+def _save(ds_or_dict, path):
+    ds_or_dict.save_to_disk(str(path))
+    return str(path)
+
+
+def _latent(L, H, offset):
+    return (np.arange(L * H, dtype=np.float32).reshape(L, H) + offset).tolist()
+
+
+def test_hidden_state_store_rows_repeat_in_order(tmp_path):
+    import datasets
+
+    H = 4
+    path = _save(
+        datasets.Dataset.from_dict({"task_id": ["a", "b"], "hidden_state": [_latent(3, H, 0), _latent(6, H, 100)]}),
+        tmp_path / "hs",
+    )
+    store = tlc.HiddenStateStore(path)
+    assert len(store) == 2 and store.row_of == {"a": 0, "b": 1} and store.key_column == "task_id"
+    a = np.asarray(_latent(3, H, 0), dtype=np.float32)
+    b = np.asarray(_latent(6, H, 100), dtype=np.float32)
+    np.testing.assert_array_equal(store.read(0), a)
+    got = store.latent_rows(0, 7)
+    assert got.shape == (7, H) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, a[[0, 1, 2, 0, 1, 2, 0]])
+    np.testing.assert_array_equal(store.latent_rows(1, 4), b[:4])
+    np.testing.assert_array_equal(store.latent_rows(1, 6), b)
+
+
+def test_hidden_state_store_splits_and_id_fallback(tmp_path):
+    import datasets
+
+    def ds(ids, offset, key="task_id"):
+        return datasets.Dataset.from_dict({key: ids, "hidden_state": [_latent(2, 3, offset + i) for i in range(len(ids))]})
+
+    store = tlc.HiddenStateStore(_save(datasets.DatasetDict({"validation": ds(["v"], 50), "train": ds(["t1", "t2"], 0)}), tmp_path / "dd1"))
+    assert store.row_of == {"t1": 0, "t2": 1}
+    np.testing.assert_array_equal(store.read(1), np.asarray(_latent(2, 3, 1), dtype=np.float32))
+
+    store = tlc.HiddenStateStore(_save(datasets.DatasetDict({"test": ds(["x"], 7)}), tmp_path / "dd2"))
+    assert store.row_of == {"x": 0}
+    np.testing.assert_array_equal(store.read(0), np.asarray(_latent(2, 3, 7), dtype=np.float32))
+
+    two = _save(datasets.DatasetDict({"alpha": ds(["x"], 0), "beta": ds(["y"], 0)}), tmp_path / "dd3")
+    with pytest.raises(tlc.LatentCommError) as err:
+        tlc.HiddenStateStore(two)
+    assert "alpha" in str(err.value) and "beta" in str(err.value)
+
+    # `id` column (integers) when there is no `task_id`; compared with conversation ids as strings
+    store = tlc.HiddenStateStore(_save(ds([3, 11], 0, key="id"), tmp_path / "ids"))
+    assert store.row_of == {"3": 0, "11": 1}
+    problems = tlc.ProblemLog()
+    convs = tlc.parse_conversations(
+        [{"id": i, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]} for i in (11, "3", 5)],
+        problems,
+    )
+    kept = tlc.check_hidden_states(convs, store, 3, problems)
+    assert [c.id for c in kept] == ["11", "3"]
+    assert problems.bad_ids() == {"5"}
+    assert "Sample is missing 'hidden_state'" in problems.summary()
+
+    with pytest.raises(tlc.LatentCommError):
+        tlc.HiddenStateStore(str(tmp_path / "does-not-exist"))
+
+
+def test_check_hidden_states_flags_each_problem(tmp_path):
+    import datasets
+
+    H = 4
+    hs = {"good": _latent(2, H, 0), "empty": [], "wide": _latent(2, H + 1, 0),
+          "nan": [[0.0, float("nan"), 1.0, 2.0]], "inf": [[0.0, float("inf"), 1.0, 2.0]]}
+    store = tlc.HiddenStateStore(_save(datasets.Dataset.from_dict({"task_id": list(hs), "hidden_state": list(hs.values())}), tmp_path / "hs"))
+    convs = [tlc.Conversation(i, [("user", "q"), ("assistant", "a")]) for i in list(hs) + ["absent"]]
+    problems = tlc.ProblemLog()
+    kept = tlc.check_hidden_states(convs, store, H, problems)
+    assert [c.id for c in kept] == ["good"]
+    assert problems.bad_ids() == {"empty", "wide", "nan", "inf", "absent"}
+
+
+def test_dataset_and_collator(tmp_path, tokenizer, student_tokenizer):
+    import datasets
+
+    H, K = 4, 5
+    path = _save(datasets.Dataset.from_dict({"task_id": ["a", "b"], "hidden_state": [_latent(2, H, 0), _latent(7, H, 50)]}), tmp_path / "hs")
+    store = tlc.HiddenStateStore(path)
+    long_conv = _conversation(*MULTI_TURN, record_id="a")
+    short_conv = _conversation(("human", "Go."), ("gpt", "OK"), record_id="b")
+    samples = [
+        tlc.encode_conversation(long_conv, store.row_of["a"], tokenizer, student_tokenizer, _data_args(), K),
+        tlc.encode_conversation(short_conv, store.row_of["b"], tokenizer, student_tokenizer, _data_args(), K),
+    ]
+    dataset = tlc.LatentCommDataset(samples, store, K)
+    assert len(dataset) == 2
+    item = dataset[1]
+    assert item["data_latents"].shape == (K, H) and item["data_latents"].dtype == torch.float32
+    np.testing.assert_array_equal(item["data_latents"].numpy(), np.asarray(_latent(7, H, 50), dtype=np.float32)[:K])
+    np.testing.assert_array_equal(dataset[0]["data_latents"].numpy(),
+                                  np.asarray(_latent(2, H, 0), dtype=np.float32)[[0, 1, 0, 1, 0]])
+
+    t_pad, s_pad = 0, 3
+    batch = tlc.LatentCommCollator(teacher_pad_id=t_pad, student_pad_id=s_pad)([dataset[0], dataset[1]])
+    n = [len(s.input_ids) for s in samples]
+    m = [len(s.student_input_ids) for s in samples]
+    T, S = max(n), max(m)
+    assert n[0] != n[1] and m[0] != m[1]
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, T)
+    assert batch["student_input_ids"].shape == batch["student_attention_mask"].shape == (2, S)
+    assert batch["data_latents"].shape == (2, K, H)
+    for b, sample in enumerate(samples):
+        # teacher: right padding, labels -100 on pads
+        assert batch["input_ids"][b, : n[b]].tolist() == sample.input_ids.tolist()
+        assert (batch["input_ids"][b, n[b]:] == t_pad).all()
+        assert batch["labels"][b, : n[b]].tolist() == sample.labels.tolist()
+        assert (batch["labels"][b, n[b]:] == IGNORE).all()
+        assert batch["attention_mask"][b].tolist() == [1] * n[b] + [0] * (T - n[b])
+        # student: left padding
+        assert batch["student_input_ids"][b, S - m[b]:].tolist() == sample.student_input_ids.tolist()
+        assert (batch["student_input_ids"][b, : S - m[b]] == s_pad).all()
+        assert batch["student_attention_mask"][b].tolist() == [0] * (S - m[b]) + [1] * m[b]
+    assert batch["insert_pos"].tolist() == [s.insert_pos for s in samples]
+    for key in ("input_ids", "labels", "attention_mask", "insert_pos", "student_input_ids", "student_attention_mask"):
+        assert batch[key].dtype == torch.long, key
+    torch.testing.assert_close(batch["data_latents"][0], dataset[0]["data_latents"])
+    torch.testing.assert_close(batch["data_latents"][1], dataset[1]["data_latents"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9 / 10. arguments and config files
+# ----------------------------------------------------------------------------------------------------
+
+REQUIRED = lambda a: [  # noqa: E731
+    "--teacher_model_name_or_path", a["teacher"], "--student_model_name_or_path", a["student"],
+    "--data_path", a["data"], "--hf_hidden_repo", a["hidden_states"],
+]
+
+
+def test_parse_args_missing_required_arguments(assets):
+    with pytest.raises(tlc.LatentCommError) as err:
+        tlc.parse_args(["--teacher_model_name_or_path", "t", "--student_model_name_or_path", "s"])
+    assert str(err.value) == "Missing required arguments: --data_path, --hf_hidden_repo"
+    with pytest.raises(tlc.LatentCommError) as err:
+        tlc.parse_args(["--data_path", "d.json"])
+    assert str(err.value) == "Missing required arguments: --teacher_model_name_or_path, --student_model_name_or_path, --hf_hidden_repo"
+    with pytest.raises(tlc.LatentCommError) as err:
+        tlc.parse_args([])
+    assert str(err.value) == "Missing required arguments: " + ", ".join("--" + n for n in tlc.REQUIRED_ARGUMENTS)
+
+
+def test_parse_args_with_all_required_arguments(assets, tmp_path):
+    # Regression: the missing-arguments check once looked every required name up on *both* ModelArguments
+    # and DataArguments, so every run without --demo failed with "Missing required arguments: ...".
+    model_args, data_args, latent_args, training_args = tlc.parse_args(
+        REQUIRED(assets) + ["--K", "6", "--output_dir", str(tmp_path / "out")]
+    )
+    assert model_args.teacher_model_name_or_path == assets["teacher"]
+    assert model_args.student_model_name_or_path == assets["student"]
+    assert data_args.data_path == assets["data"] and data_args.hf_hidden_repo == assets["hidden_states"]
+    assert latent_args.K == 6
+
+
+def test_parse_args_eval_ratio_zero_switches_evaluation_off(assets, tmp_path):
+    # Regression: a full "probe" parse once ran TrainingArguments validation with eval_strategy still at
+    # "steps" and load_best_model_at_end True, so `--eval_ratio 0 --save_strategy no` died with a
+    # ValueError (a traceback in the CLI) before the eval flags were switched off.
+    _, data_args, _, training_args = tlc.parse_args(
+        REQUIRED(assets) + ["--eval_ratio", "0", "--save_strategy", "no", "--output_dir", str(tmp_path / "out")]
+    )
+    assert data_args.eval_ratio == 0
+    assert str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) == "no"
+    assert training_args.load_best_model_at_end is False
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_file_with_overriding_flag(assets, tmp_path, suffix):
+    config = {
+        "teacher_model_name_or_path": assets["teacher"],
+        "student_model_name_or_path": assets["student"],
+        "data_path": assets["data"],
+        "hf_hidden_repo": assets["hidden_states"],
+        "K": 6,
+        "conversation_format": "chat",
+        "learning_rate": 2e-5,
+        "student_max_length": 77,
+        "output_dir": str(tmp_path / "out"),
+    }
+    path = tmp_path / f"run{suffix}"
+    if suffix == ".yaml":
+        import yaml
+
+        path.write_text(yaml.safe_dump(config))
+    else:
+        path.write_text(json.dumps(config))
+    model_args, data_args, latent_args, training_args = tlc.parse_args([str(path), "--K", "9"])
+    assert latent_args.K == 9  # the flag after the file wins
+    assert data_args.conversation_format == "chat"
+    assert data_args.student_max_length == 77
+    assert math.isclose(training_args.learning_rate, 2e-5)
+    assert model_args.teacher_model_name_or_path == assets["teacher"]
+    assert data_args.hf_hidden_repo == assets["hidden_states"]
+
+
+def test_config_file_unknown_key_and_demo_override(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("K: 4\nnot_a_flag: 1\n")
+    with pytest.raises(tlc.LatentCommError) as err:
+        tlc.parse_args([str(bad)])
+    assert "not_a_flag" in str(err.value)
+    # a demo config (no required arguments needed): file values beat demo defaults, flags beat the file
+    demo = tmp_path / "demo.yaml"
+    demo.write_text(f"demo: true\nK: 5\nstudent_max_length: 50\noutput_dir: {tmp_path / 'out'}\n")
+    _, data_args, latent_args, _ = tlc.parse_args([str(demo), "--K", "3"])
+    assert latent_args.K == 3 and data_args.student_max_length == 50 and data_args.demo
+
+
+def test_config_file_invalid_yaml_is_a_latent_comm_error(tmp_path):
+    # yaml.YAMLError is not a ValueError: it must still become a one-line LatentCommError.
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("K: [1, 2\nfoo: : bar\n")
+    with pytest.raises(tlc.LatentCommError):
+        tlc.parse_args([str(bad)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. validation through the CLI: one line on stderr, exit status 2, before any weights load
+# ----------------------------------------------------------------------------------------------------
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+def _error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def _assert_one_line_error(rc, stderr):
+    assert "Traceback" not in stderr, stderr
+    lines = _error_lines(stderr)
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error:"), stderr
+    assert rc == 2, (rc, stderr)
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def broken_models(assets, tmp_path_factory):
+    """Copies of the tiny teacher and student with config and tokenizer but no loadable weights."""
+    root = tmp_path_factory.mktemp("broken_models")
+    paths = {}
+    for name in ("teacher", "student"):
+        dst = root / name
+        shutil.copytree(assets[name], dst)
+        weights = list(dst.glob("*.safetensors")) + list(dst.glob("*.bin"))
+        assert weights
+        for w in weights:
+            w.unlink()
+        paths[name] = str(dst)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def base_data(assets):
+    import datasets
+
+    records = json.loads(Path(assets["data"]).read_text())
+    ds = datasets.load_from_disk(assets["hidden_states"])
+    return records, list(ds["task_id"]), [np.asarray(h, dtype=np.float32).tolist() for h in ds["hidden_state"]]
+
+
+def _write_case(root, base_data, case):
+    """Write the data file and latents of one bad-input case; returns (data_path, hidden_dir, expected words).
+
+    Expected words are looked for in the error line with the data path blanked out, so that e.g. a width
+    of 32 cannot match a temporary directory name; ("raw", word) is looked for in the line as it is.
+    """
+    import datasets
+
+    records, ids, hidden = copy.deepcopy(base_data)
+    root.mkdir(parents=True, exist_ok=True)
+    data_path, hidden_dir = root / "conversations.json", root / "hidden"
+    expected = []
+    if case == "duplicate_id":
+        records[5]["id"] = records[4]["id"]
+        expected = [records[4]["id"], "duplicate"]
+    elif case == "missing_latent":
+        extra = json.loads(json.dumps(records[0]))
+        extra["id"] = "task-extra"
+        records.append(extra)
+        expected = ["task-extra", "Sample is missing 'hidden_state'"]
+    elif case == "wrong_width":
+        hidden[3] = [row[:32] for row in hidden[3]]
+        expected = [records[3]["id"], "32"]
+    elif case == "empty_latent":
+        hidden[4] = []
+        expected = [records[4]["id"], "empty"]
+    elif case == "nan_latent":
+        hidden[6][1][5] = float("nan")
+        expected = [records[6]["id"], "finite"]
+    elif case == "unknown_role":
+        records[2]["conversations"][1]["from"] = "robot"
+        expected = [records[2]["id"], "robot"]
+    elif case == "no_user_turn":
+        records[7]["conversations"] = [{"from": "system", "value": "s"}, {"from": "gpt", "value": "Act: look"}]
+        expected = [records[7]["id"], "user"]
+    elif case == "no_assistant_after_user":
+        records[8]["conversations"] = [{"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Go to desk 1."}]
+        expected = [records[8]["id"], "assistant"]
+    elif case == "unusable_after_truncation":  # run with --model_max_length 128 --K 4
+        records[9]["conversations"][0]["value"] = "You are in the middle of a room. " * 40
+        expected = [records[9]["id"]]
+    elif case == "several_problems":
+        records[1]["id"] = records[0]["id"]
+        records[3]["conversations"][0]["from"] = "narrator"
+        hidden[10] = [row[:10] for row in hidden[10]]
+        expected = [records[0]["id"], records[3]["id"], records[10]["id"], "narrator"]
+    datasets.Dataset.from_dict({"task_id": ids, "hidden_state": hidden}).save_to_disk(str(hidden_dir))
+    if case == "invalid_json":
+        data_path.write_text('[{"id": "task-0", "conversations": [')
+        expected = [("raw", data_path.name)]
+    elif case == "nonexistent_data":
+        data_path = root / "no_such_file.json"
+        expected = [("raw", data_path.name)]
+    elif case == "jsonl_bad_line":
+        data_path = root / "conversations.jsonl"
+        data_path.write_text("\n".join(json.dumps(r) for r in records[:3]) + "\n{not json\n")
+        expected = [("raw", data_path.name)]
+    else:
+        data_path.write_text(json.dumps(records))
+    return str(data_path), str(hidden_dir), expected
+
+
+CLI_CASES = [
+    "duplicate_id", "missing_latent", "wrong_width", "empty_latent", "nan_latent", "unknown_role",
+    "no_user_turn", "no_assistant_after_user", "invalid_json", "nonexistent_data",
+]
+INPROCESS_CASES = ["several_problems", "unusable_after_truncation", "jsonl_bad_line", "duplicate_id", "missing_latent"]
+SHORT_RUN = ["--max_steps", "1", "--eval_ratio", "0", "--K", "4", "--model_max_length", "256", "--save_strategy", "no",
+             "--use_cpu", "--report_to", "none"]
+
+
+def _assert_words(words, line, message):
+    """Each expected word is in the message with the data path blanked out (or, for ("raw", word), in the line)."""
+    for word in words:
+        text = line if isinstance(word, tuple) else message
+        word = word[1] if isinstance(word, tuple) else word
+        assert word.lower() in text.lower(), (word, line)
+
+
+def _argv(models, data_path, hidden_dir, out_dir, extra=()):
+    return ["--teacher_model_name_or_path", models["teacher"], "--student_model_name_or_path", models["student"],
+            "--data_path", data_path, "--hf_hidden_repo", hidden_dir, "--output_dir", out_dir, *extra]
+
+
+@pytest.fixture(scope="module")
+def cli_results(assets, base_data, broken_models, tmp_path_factory):
+    """Run every CLI case as its own process, a few at a time (they mostly wait on imports)."""
+    root = tmp_path_factory.mktemp("cli")
+    jobs, expected = {}, {}
+    for case in CLI_CASES:
+        data_path, hidden_dir, words = _write_case(root / case, base_data, case)
+        expected[case] = (words, data_path)
+        jobs[case] = _argv(broken_models, data_path, hidden_dir, str(root / case / "out"))
+    # control: valid data with the weightless copies must fail at weight loading (so the cases above prove
+    # that validation runs first)
+    jobs["control_broken_weights"] = _argv(broken_models, assets["data"], assets["hidden_states"], str(root / "control"))
+    # one bad record among good ones, dropped with a warning; real weights, one optimizer step
+    skip_data, skip_hidden, _ = _write_case(root / "skip", base_data, "unknown_role")
+    jobs["skip_invalid"] = _argv(assets, skip_data, skip_hidden, str(root / "skip" / "out"),
+                                 ["--skip_invalid_samples", *SHORT_RUN])
+    jobs["missing_args"] = ["--teacher_model_name_or_path", assets["teacher"],
+                            "--student_model_name_or_path", assets["student"]]
+
+    results, pending, running = {}, list(jobs.items()), {}
+    while pending or running:
+        while pending and len(running) < 4:
+            name, argv = pending.pop(0)
+            running[name] = (subprocess.Popen([sys.executable, SCRIPT, *argv], cwd=str(root), env=_env(),
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.time())
+        for name, (proc, started) in list(running.items()):
+            if proc.poll() is not None or time.time() - started > 240:
+                if proc.poll() is None:
+                    proc.kill()
+                out, err = proc.communicate()
+                results[name] = (proc.returncode, out, err)
+                del running[name]
+        time.sleep(0.1)
+    return results, expected
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_validation_error_is_one_line_before_weights(cli_results, case):
+    results, expected = cli_results
+    rc, _, stderr = results[case]
+    line = _assert_one_line_error(rc, stderr)
+    words, data_path = expected[case]
+    message = line.replace(data_path, "<data>")
+    _assert_words(words, line, message)
+    assert "cannot load models" not in line
+
+
+def test_cli_control_weightless_models_fail_at_loading(cli_results):
+    rc, _, stderr = cli_results[0]["control_broken_weights"]
+    assert rc != 0
+    assert re.search(r"model|weight|safetensors", stderr, re.IGNORECASE), stderr
+    assert "invalid" not in stderr and "Missing required" not in stderr, stderr
+
+
+def test_cli_skip_invalid_samples_drops_record_and_trains(cli_results):
+    rc, stdout, stderr = cli_results[0]["skip_invalid"]
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
+    assert "Traceback" not in stderr
+    warnings = [line for line in (stdout + stderr).splitlines() if "WARNING" in line.upper() and "task-2" in line]
+    assert warnings, stdout + stderr
+
+
+def test_cli_missing_required_arguments(cli_results):
+    rc, _, stderr = cli_results[0]["missing_args"]
+    assert rc != 0
+    assert "Traceback" not in stderr
+    assert _error_lines(stderr) == ["error: Missing required arguments: --data_path, --hf_hidden_repo"], stderr
+
+
+@pytest.mark.parametrize("case", INPROCESS_CASES)
+def test_main_in_process_validation_errors(case, base_data, broken_models, tmp_path, capsys):
+    data_path, hidden_dir, words = _write_case(tmp_path / case, base_data, case)
+    capsys.readouterr()  # drop the progress output of writing the case
+    extra = ["--model_max_length", "128", "--K", "4"] if case == "unusable_after_truncation" else []
+    rc = tlc.main(_argv(broken_models, data_path, hidden_dir, str(tmp_path / "out"), extra))
+    err = capsys.readouterr().err
+    line = _assert_one_line_error(rc, err)
+    message = line.replace(data_path, "<data>")
+    _assert_words(words, line, message)
+    assert not (tmp_path / "out" / tlc.RUN_ARGS_NAME).exists()
+
+
+def test_main_in_process_unreadable_hidden_repo(assets, broken_models, tmp_path, capsys):
+    rc = tlc.main(_argv(broken_models, assets["data"], str(tmp_path / "no_such_dataset"), str(tmp_path / "out")))
+    _assert_one_line_error(rc, capsys.readouterr().err)
