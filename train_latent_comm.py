@@ -110,6 +110,7 @@ class LatentCommError(Exception):
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "Models"
     teacher_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Frozen teacher LLM: a Hub id or a local path (required)."}
     )
@@ -131,6 +132,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "Data"
     data_path: str | None = field(
         default=None,
         metadata={"help": "Conversations: a JSON array or JSON Lines file of {id, conversations} (required)."},
@@ -181,6 +183,7 @@ class DataArguments:
 
 @dataclass
 class LatentArguments:
+    _argument_group_name = "Latents, head and losses"
     K: int = field(default=128, metadata={"help": "Number of latent vectors the student emits."})
     head_num_heads: int = field(default=8, metadata={"help": "Attention heads of the HiddenStateHead."})
     head_dropout: float = field(default=0.1, metadata={"help": "Dropout of the HiddenStateHead."})
@@ -214,6 +217,8 @@ class LatentArguments:
 @dataclass
 class LatentTrainingArguments(TrainingArguments):
     """`TrainingArguments` with this tool's defaults and its early-stopping flags."""
+
+    _argument_group_name = "Training (all TrainingArguments flags)"
 
     output_dir: str | None = field(default="./latent_out", metadata={"help": "Where checkpoints and results go."})
     per_device_train_batch_size: int = field(default=2, metadata={"help": "Batch size per device for training."})
@@ -309,7 +314,7 @@ def parse_args(argv: Sequence[str] | None = None):
         parser.set_defaults(**defaults)
 
     # Without an eval split there is nothing to evaluate or stop early on, so those modes are switched off.
-    probe_parser = HfArgumentParser(DataArguments)
+    probe_parser = HfArgumentParser(DataArguments, add_help=False)  # --help is for the full parser below
     probe_parser.set_defaults(**{k: v for k, v in defaults.items() if k in DataArguments.__dataclass_fields__})
     data_probe, _ = probe_parser.parse_args_into_dataclasses(
         args=argv, look_for_args_file=False, return_remaining_strings=True
@@ -664,6 +669,7 @@ def encode_conversation(
     if insert_pos > max_tokens:
         raise ValueError(f"its first user message ends at token {insert_pos}, beyond --model_max_length")
     input_ids, labels = input_ids[:max_tokens], labels[:max_tokens]
+    labels[0] = IGNORE_INDEX  # nothing predicts the first token (and the Trainer's token count agrees)
     if not any(label != IGNORE_INDEX for label in labels[1:]):
         raise ValueError("it keeps no supervised assistant token within --model_max_length")
 
@@ -782,8 +788,9 @@ class AdaptiveProjection(nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor(0.2))
-        self.output_scale = nn.Parameter(torch.tensor(0.1))
+        # Shape [1], not a 0-dim scalar: DeepSpeed cannot broadcast or partition 0-dim parameters.
+        self.scale = nn.Parameter(torch.tensor([0.2]))
+        self.output_scale = nn.Parameter(torch.tensor([0.1]))
         self.mlp = nn.Sequential(
             nn.Linear(hidden_size, hidden_size),
             nn.GELU(),
@@ -860,7 +867,10 @@ def load_head_checkpoint(head: HiddenStateHead, path: str) -> None:
                 state[name] = value
         if "adaptive_proj" not in raw:
             allowed_missing = {key for key in head.state_dict() if key.startswith("adaptive_proj.mlp.")}
-    expected = set(head.state_dict())
+    target = head.state_dict()
+    # Published heads store the two gains as 0-dim tensors (or floats); ours are [1].
+    state = {k: v.reshape(target[k].shape) if k in target and v.numel() == target[k].numel() else v for k, v in state.items()}
+    expected = set(target)
     missing = sorted(expected - set(state) - allowed_missing)
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
@@ -941,7 +951,9 @@ def alignment_loss(student_latents: torch.Tensor, data_latents: torch.Tensor) ->
     return 1 - F.cosine_similarity(student_latents.float().mean(1), data_latents.float().mean(1), dim=-1).mean()
 
 
-def _rows_per_chunk(vocab_size: int) -> int:
+def _rows_per_chunk(lm_head: nn.Module) -> int:
+    # out_features, not weight.shape: under ZeRO-3 the local weight is an empty partition.
+    vocab_size = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
     return max(1, LOGIT_CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
@@ -956,7 +968,7 @@ def _maybe_checkpoint(fn, *tensors):
 def chunked_nll_sum(hidden_rows: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
     """Sum of `-log p(target)` over rows `[N, H]`, computing `[chunk, V]` logits at a time."""
     total = hidden_rows.new_zeros((), dtype=torch.float32)
-    step = _rows_per_chunk(lm_head.weight.shape[0])
+    step = _rows_per_chunk(lm_head)
 
     def nll(rows, tgt):
         return F.cross_entropy(lm_head(rows).float(), tgt, reduction="sum")
@@ -968,7 +980,7 @@ def chunked_nll_sum(hidden_rows: torch.Tensor, targets: torch.Tensor, lm_head: n
 
 def chunked_entropy(hidden_rows: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
     """Entropy `[N]` of the next-token distribution at each row (no gradient)."""
-    step = _rows_per_chunk(lm_head.weight.shape[0])
+    step = _rows_per_chunk(lm_head)
     with torch.no_grad():
         parts = [entropy_from_logits(lm_head(hidden_rows[i : i + step])) for i in range(0, hidden_rows.shape[0], step)]
     return torch.cat(parts) if parts else hidden_rows.new_zeros(0, dtype=torch.float32)
@@ -978,7 +990,7 @@ def chunked_kl(
     hidden_rows: torch.Tensor, target_rows: torch.Tensor, lm_head: nn.Module, temperature: float
 ) -> torch.Tensor:
     """`kl_per_token` `[N]` between the distributions at `target_rows` (no gradient) and `hidden_rows`."""
-    step = _rows_per_chunk(lm_head.weight.shape[0])
+    step = _rows_per_chunk(lm_head)
 
     def kl(rows, target):
         with torch.no_grad():
@@ -1076,6 +1088,12 @@ class LatentCommModel(nn.Module):
     # Lets the Trainer count supervised tokens over the whole accumulated batch (num_items_in_batch).
     accepts_loss_kwargs = True
     _keys_to_ignore_on_save = None
+
+    @property
+    def config(self):
+        """The teacher's config: DeepSpeed sizes its "auto" buckets from `config.hidden_size`, and the
+        teacher dominates the model's size."""
+        return self.teacher.config
 
     def __init__(
         self,
@@ -1499,7 +1517,8 @@ def load_trained_parts(model: LatentCommModel, checkpoint_dir: str) -> None:
     from safetensors.torch import load_file
 
     student_state = _read_safetensors_dir(os.path.join(checkpoint_dir, STUDENT_DIR))
-    result = model.student.load_state_dict(student_state, strict=False)
+    with _gathered_for_update(list(model.student.parameters())):
+        result = model.student.load_state_dict(student_state, strict=False)
     tied = {k for k in result.missing_keys if _is_tied_key(model.student, k)}
     if set(result.missing_keys) - tied or result.unexpected_keys:
         raise LatentCommError(
@@ -1513,13 +1532,26 @@ def load_trained_parts(model: LatentCommModel, checkpoint_dir: str) -> None:
             f"{LATENT_MODULES_NAME} in {checkpoint_dir} does not match the model: missing "
             f"{sorted(expected - set(latent_state))}, unexpected {sorted(set(latent_state) - expected)}"
         )
-    model.load_state_dict(latent_state, strict=False)
+    latent_params = [p for n, p in model.named_parameters() if n.startswith(LATENT_MODULE_PREFIXES)]
+    with _gathered_for_update(latent_params):
+        model.load_state_dict(latent_state, strict=False)
     markers = load_file(os.path.join(checkpoint_dir, TEACHER_MARKERS_NAME))
     ids = [model.settings.bop_id, model.settings.eop_id]
-    with torch.no_grad():
-        for kind, module in (("input", model.teacher.get_input_embeddings()), ("output", model.teacher.get_output_embeddings())):
-            if kind in markers:
-                module.weight[ids] = markers[kind].to(module.weight.dtype).to(module.weight.device)
+    embeddings = {"input": model.teacher.get_input_embeddings(), "output": model.teacher.get_output_embeddings()}
+    for kind, rows in markers.items():
+        weight = embeddings[kind].weight
+        with _gathered_for_update([weight]), torch.no_grad():
+            weight[ids] = rows.to(weight.dtype).to(weight.device)
+
+
+def _gathered_for_update(params: list[nn.Parameter]):
+    """Under ZeRO-3, gather partitioned parameters so they can be written (rank 0's values are kept and
+    re-partitioned on exit); a no-op otherwise."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
 
 
 def _is_tied_key(model: nn.Module, key: str) -> bool:
@@ -1781,9 +1813,11 @@ def demo_conversations(n_records: int, seed: int = 0) -> tuple[list[dict], dict[
         target = _DEMO_TARGETS[rng.integers(len(_DEMO_TARGETS))]
         detour = _DEMO_PLACES[rng.integers(len(_DEMO_PLACES))]
         turns = [
-            {"from": "human", "value": "Interact with a household to solve a task. Act with one command per turn."},
-            {"from": "gpt", "value": "OK"},
-            {"from": "human", "value": f"You are in the middle of a room. Your task is to: put a {obj} in {target}."},
+            {
+                "from": "human",
+                "value": "You are in the middle of a room. Interact with the household to solve a task, one "
+                f"command per turn. Your task is to: put a {obj} in {target}.",
+            },
             {"from": "gpt", "value": f"Think: the {obj} is likely on the {place}.\nAct: go to {detour}"},
             {"from": "human", "value": f"On the {detour}, you see nothing useful."},
             {"from": "gpt", "value": f"Act: go to {place}"},
@@ -1847,9 +1881,26 @@ def build_tiny_causal_lm(vocab_size: int, hidden_size: int, layers: int = 2, tie
     return Qwen2ForCausalLM(config).eval()
 
 
+def pretrain_tiny_lm(model, tokenizer, texts: list[str], steps: int, lr: float = 3e-3, seed: int = 0):
+    """A few full-batch AdamW steps of language modelling, so the demo teacher predicts its data
+    better than chance and the latents have something to change."""
+    torch.manual_seed(seed)
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(**encoded, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.eval()
+
+
 def build_demo_assets(root: str | os.PathLike, n_records: int = 12, seed: int = 0) -> dict[str, str]:
-    """Write a tiny teacher (hidden 64) and student (hidden 48), their tokenizers, conversations and a
-    hidden-state dataset made by the teacher from each record's plan. Returns the four paths."""
+    """Write a tiny teacher (hidden 64, briefly trained on the conversations and plans) and a random
+    student (hidden 48), their tokenizers, the conversations and a hidden-state dataset made by the
+    teacher from each record's plan. Returns the four paths."""
     import datasets
 
     root = Path(root)
@@ -1861,6 +1912,8 @@ def build_demo_assets(root: str | os.PathLike, n_records: int = 12, seed: int = 
     vocab_rows = len(tokenizer) + 6
     teacher = build_tiny_causal_lm(vocab_rows, 64, tie=False, seed=seed)
     student = build_tiny_causal_lm(vocab_rows, 48, tie=True, seed=seed + 1)
+    plain_texts = ["".join(t["value"] + "\n" for t in r["conversations"]) for r in records]
+    pretrain_tiny_lm(teacher, tokenizer, plain_texts + list(plans.values()), steps=60, seed=seed)
     paths = {name: str(root / name) for name in ("teacher", "student", "hidden_states")}
     paths["data"] = str(root / "conversations.json")
     for name, model in (("teacher", teacher), ("student", student)):
@@ -1885,6 +1938,15 @@ def build_demo_assets(root: str | os.PathLike, n_records: int = 12, seed: int = 
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
+    # Touching `device` sets up the process group (DDP or DeepSpeed) now, before any weights load: ZeRO-3
+    # partitions the models while loading them, and only then is the process index known.
+    logger.debug("Device: %s", training_args.device)
+    if training_args.deepspeed:
+        import deepspeed
+
+        # With --use_cpu, accelerate sets up torch.distributed but not DeepSpeed's own communicator, which
+        # ZeRO-3's partitioned loading reads the world size from. A no-op when it is already set up.
+        deepspeed.init_distributed(dist_backend=training_args.ddp_backend)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
     )

@@ -42,5 +42,5 @@ def tiny_model(assets):
     teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"], dtype=torch.float32)
     student = AutoModelForCausalLM.from_pretrained(assets["student"], dtype=torch.float32)
     vocab = teacher.config.vocab_size
-    settings = tlc.LatentSettings(K=5, bop_id=vocab - 2, eop_id=vocab - 1, kl_window=4)
+    settings = tlc.LatentSettings(K=5, bop_id=vocab - 2, eop_id=vocab - 1, kl_window=16)
     return tlc.LatentCommModel(teacher, student, settings, head_num_heads=4, head_dropout=0.0)

@@ -158,3 +158,21 @@ def test_demo_trains_and_summarises(tmp_path):
     assert elapsed < 120
     assets = {"teacher": str(tmp_path / "demo" / "demo_assets" / "teacher")}
     assert_trained_parts_only(tmp_path / "demo", assets)
+
+
+def test_help_lists_every_group(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tlc.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--teacher_model_name_or_path", "--hf_hidden_repo", "--kl_weighting", "--hidden_head_ckpt",
+                 "--early_stopping_patience", "--gradient_checkpointing", "--deepspeed", "--local_rank"):  # fmt: skip
+        assert flag in text, flag
+
+
+def test_example_config_parses_and_flags_override_it():
+    config = str(Path(tlc.__file__).parent / "configs" / "example_run.yaml")
+    model_args, data_args, latent_args, training_args = tlc.parse_args([config, "--bf16", "False", "--K", "64"])
+    assert model_args.teacher_model_name_or_path == "Qwen/Qwen2.5-7B-Instruct"
+    assert latent_args.K == 64 and training_args.gradient_accumulation_steps == 4
+    assert training_args.metric_for_best_model == "eval_loss" and training_args.load_best_model_at_end
