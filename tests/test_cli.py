@@ -117,8 +117,8 @@ def test_train_evaluate_save_resume_reload(assets, tmp_path):
 
 
 def test_resume_true_picks_the_last_checkpoint_and_bad_path_is_an_error(assets, tmp_path):
+    args = tlc.parse_args(base_args(assets, tmp_path / "empty", "--resume_from_checkpoint", "true"))
     with pytest.raises(tlc.LatentCommError, match="no checkpoint"):
-        args = tlc.parse_args(base_args(assets, tmp_path / "empty", "--resume_from_checkpoint", "true"))
         tlc.resolve_resume(args[3])
     (tmp_path / "ck" / "checkpoint-2").mkdir(parents=True)
     args = tlc.parse_args(base_args(assets, tmp_path / "ck", "--resume_from_checkpoint", str(tmp_path / "ck" / "checkpoint-2")))
