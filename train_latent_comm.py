@@ -44,7 +44,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -450,7 +449,9 @@ def parse_conversations(records: list[Any], problems: ProblemLog) -> list[Conver
             continue
         messages, ok = [], True
         for turn in turns:
-            if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+            if not (
+                isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)
+            ):
                 problems.add("has a message without string 'from' and 'value'", record_id)
                 ok = False
                 break
@@ -673,9 +674,7 @@ def encode_conversation(
     if not any(label != IGNORE_INDEX for label in labels[1:]):
         raise ValueError("it keeps no supervised assistant token within --model_max_length")
 
-    prefix, body = student_prompt_text(
-        conv, student_tokenizer, data_args.conversation_format, data_args.plan_prompt
-    )
+    prefix, body = student_prompt_text(conv, student_tokenizer, data_args.conversation_format, data_args.plan_prompt)
     student_ids = student_tokenizer(prefix + body)["input_ids"]
     if len(student_ids) > data_args.student_max_length:
         # Keep the plan prompt and the end of the conversation part (the first user message).
@@ -854,7 +853,9 @@ def load_head_checkpoint(head: HiddenStateHead, path: str) -> None:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise LatentCommError(f"cannot read --hidden_head_ckpt {path} as a weights-only torch file: {err}") from None
+            raise LatentCommError(
+                f"cannot read --hidden_head_ckpt {path} as a weights-only torch file: {err}"
+            ) from None
         if not isinstance(raw, dict):
             raise LatentCommError(f"--hidden_head_ckpt {path} must hold a dict of state dicts")
         state, allowed_missing = {}, set()
@@ -869,7 +870,9 @@ def load_head_checkpoint(head: HiddenStateHead, path: str) -> None:
             allowed_missing = {key for key in head.state_dict() if key.startswith("adaptive_proj.mlp.")}
     target = head.state_dict()
     # Published heads store the two gains as 0-dim tensors (or floats); ours are [1].
-    state = {k: v.reshape(target[k].shape) if k in target and v.numel() == target[k].numel() else v for k, v in state.items()}
+    state = {
+        k: v.reshape(target[k].shape) if k in target and v.numel() == target[k].numel() else v for k, v in state.items()
+    }
     expected = set(target)
     missing = sorted(expected - set(state) - allowed_missing)
     unexpected = sorted(set(state) - expected)
@@ -1385,7 +1388,9 @@ class LatentCommTrainer(Trainer):
             self._eval_sums[name] = self._eval_sums.get(name, 0) + value.detach().float()
         return out["loss"].detach(), None, None
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         self._eval_sums = {}
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         prefix = metric_key_prefix
@@ -1403,7 +1408,9 @@ class LatentCommTrainer(Trainer):
                 "ce_data_latent": totals["ce_data_latent_sum"] / n_tokens,
             }
             # Token-weighted over the whole eval set, unlike the Trainer's mean of per-batch losses.
-            terms["loss"] = cfg.ce_weight * terms["ce"] + cfg.kl_weight * terms["kl"] + cfg.align_weight * terms["align"]
+            terms["loss"] = (
+                cfg.ce_weight * terms["ce"] + cfg.kl_weight * terms["kl"] + cfg.align_weight * terms["align"]
+            )
             output.metrics.update({f"{prefix}_{name}": value for name, value in terms.items()})
         self._eval_sums = {}
         return output
@@ -1490,9 +1497,7 @@ def save_trained_parts(model: LatentCommModel, run: LatentRun, output_dir: str, 
     student_state = {k[len("student.") :]: v for k, v in full.items() if k.startswith("student.")}
     model.student.save_pretrained(os.path.join(output_dir, STUDENT_DIR), state_dict=student_state)
     run.student_tokenizer.save_pretrained(os.path.join(output_dir, STUDENT_DIR))
-    latent_state = {
-        k: v.detach().cpu().contiguous() for k, v in full.items() if k.startswith(LATENT_MODULE_PREFIXES)
-    }
+    latent_state = {k: v.detach().cpu().contiguous() for k, v in full.items() if k.startswith(LATENT_MODULE_PREFIXES)}
     save_file(latent_state, os.path.join(output_dir, LATENT_MODULES_NAME), metadata={"format": "pt"})
     save_file(_marker_rows(model.teacher, run.settings, state_dict), os.path.join(output_dir, TEACHER_MARKERS_NAME))
     run.teacher_tokenizer.save_pretrained(os.path.join(output_dir, TEACHER_TOKENIZER_DIR))
@@ -1565,19 +1570,21 @@ def _is_tied_key(model: nn.Module, key: str) -> bool:
 def load_latent_model(
     output_dir: str,
     teacher_model_name_or_path: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[LatentCommModel, LatentRun]:
     """Rebuild a trained model from an output directory (or checkpoint) plus the teacher's weights.
 
-    The teacher comes from `teacher_model_name_or_path`, else from the path recorded at training time.
-    Returns the model in eval mode and the run (tokenizers, settings, config).
+    The teacher comes from `teacher_model_name_or_path`, else from the path recorded at training time,
+    in `dtype`, else in the dtype it was trained with. Returns the model in eval mode and the run
+    (tokenizers, settings, config).
     """
     config_path = Path(output_dir, LATENT_CONFIG_NAME)
     if not config_path.is_file():
         raise LatentCommError(f"{output_dir} has no {LATENT_CONFIG_NAME}: not a trained output directory")
     config = json.loads(config_path.read_text())
+    dtype = dtype or getattr(torch, config.get("teacher_dtype", "float32"))
     teacher_path = teacher_model_name_or_path or config["teacher_model_name_or_path"]
     load_kwargs = dict(trust_remote_code=trust_remote_code, attn_implementation=attn_implementation or "sdpa")
     teacher_tokenizer = AutoTokenizer.from_pretrained(
@@ -1611,9 +1618,13 @@ def build_tokenizers(model_args: ModelArguments, data_args: DataArguments):
     """
     remote = model_args.trust_remote_code
     try:
-        teacher_tokenizer = AutoTokenizer.from_pretrained(model_args.teacher_model_name_or_path, trust_remote_code=remote)
+        teacher_tokenizer = AutoTokenizer.from_pretrained(
+            model_args.teacher_model_name_or_path, trust_remote_code=remote
+        )
     except Exception as err:
-        raise LatentCommError(f"cannot load the teacher tokenizer from {model_args.teacher_model_name_or_path}: {err}") from None
+        raise LatentCommError(
+            f"cannot load the teacher tokenizer from {model_args.teacher_model_name_or_path}: {err}"
+        ) from None
     vocab = teacher_tokenizer.get_vocab()
     new_markers = [m for m in (BOP_TOKEN, EOP_TOKEN) if m not in vocab]
     # add_tokens(special_tokens=True) keeps the tokenizer's other special tokens (add_special_tokens would not).
@@ -1624,10 +1635,14 @@ def build_tokenizers(model_args: ModelArguments, data_args: DataArguments):
     new_marker_ids = [vocab[m] for m in new_markers]
 
     try:
-        student_tokenizer = AutoTokenizer.from_pretrained(model_args.student_model_name_or_path, trust_remote_code=remote)
+        student_tokenizer = AutoTokenizer.from_pretrained(
+            model_args.student_model_name_or_path, trust_remote_code=remote
+        )
     except Exception:
         logger.warning("No tokenizer at %s: the student uses the teacher's.", model_args.student_model_name_or_path)
-        student_tokenizer = AutoTokenizer.from_pretrained(model_args.teacher_model_name_or_path, trust_remote_code=remote)
+        student_tokenizer = AutoTokenizer.from_pretrained(
+            model_args.teacher_model_name_or_path, trust_remote_code=remote
+        )
     if data_args.conversation_format == "chat":
         for name, tok in (("teacher", teacher_tokenizer), ("student", student_tokenizer)):
             if not getattr(tok, "chat_template", None):
@@ -1655,7 +1670,9 @@ def build_datasets(model_args, data_args, latent_args, training_args, teacher_to
             model_args.teacher_model_name_or_path, trust_remote_code=model_args.trust_remote_code
         )
     except Exception as err:
-        raise LatentCommError(f"cannot read the teacher config of {model_args.teacher_model_name_or_path}: {err}") from None
+        raise LatentCommError(
+            f"cannot read the teacher config of {model_args.teacher_model_name_or_path}: {err}"
+        ) from None
     hidden_size = _hidden_size(teacher_config)
 
     problems = ProblemLog()
@@ -1705,7 +1722,9 @@ def _init_marker_rows(teacher: nn.Module, new_marker_ids: list[int], n_original:
     if not new_marker_ids:
         return
     with torch.no_grad():
-        for module in {id(m): m for m in (teacher.get_input_embeddings(), teacher.get_output_embeddings()) if m is not None}.values():
+        for module in {
+            id(m): m for m in (teacher.get_input_embeddings(), teacher.get_output_embeddings()) if m is not None
+        }.values():
             weight = module.weight
             weight[new_marker_ids] = weight[:n_original].float().mean(0).to(weight.dtype)
 
@@ -1786,6 +1805,7 @@ def run_config(model_args, data_args, latent_args, model: LatentCommModel) -> di
         "head_num_heads": latent_args.head_num_heads,
         "head_dropout": latent_args.head_dropout,
         "settings": dataclasses.asdict(model.settings),
+        "teacher_dtype": str(model.teacher.dtype).removeprefix("torch."),
     }
 
 
@@ -1927,7 +1947,11 @@ def build_demo_assets(root: str | os.PathLike, n_records: int = 12, seed: int = 
             ids = tokenizer(plans[record["id"]], return_tensors="pt")["input_ids"]
             hidden_states.append(teacher.model(input_ids=ids).last_hidden_state[0].numpy())
     datasets.Dataset.from_dict(
-        {"task_id": [r["id"] for r in records], "hidden_state": hidden_states, "plan": [plans[r["id"]] for r in records]}
+        {
+            "task_id": [r["id"] for r in records],
+            "hidden_state": hidden_states,
+            "plan": [plans[r["id"]] for r in records],
+        }
     ).save_to_disk(paths["hidden_states"])
     return paths
 
@@ -1947,9 +1971,7 @@ def setup_logging(training_args: TrainingArguments) -> None:
         # With --use_cpu, accelerate sets up torch.distributed but not DeepSpeed's own communicator, which
         # ZeRO-3's partitioned loading reads the world size from. A no-op when it is already set up.
         deepspeed.init_distributed(dist_backend=training_args.ddp_backend)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
-    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     main_process = training_args.process_index == 0
     logger.setLevel(logging.INFO if main_process else logging.WARNING)
     if training_args.log_level != "passive":
@@ -1962,7 +1984,13 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def write_run_args(output_dir: str, *arg_groups) -> None:
-    record = {type(group).__name__: json.loads(json.dumps(dataclasses.asdict(group), default=str)) for group in arg_groups}
+    # TrainingArguments.to_dict() masks secrets such as --hub_token.
+    record = {
+        type(g).__name__: json.loads(
+            json.dumps(g.to_dict() if isinstance(g, TrainingArguments) else dataclasses.asdict(g), default=str)
+        )
+        for g in arg_groups
+    }
     record["versions"] = library_versions()
     record["argv"] = sys.argv
     os.makedirs(output_dir, exist_ok=True)
@@ -1999,7 +2027,9 @@ def print_summary(trainer: LatentCommTrainer, output_dir: str, elapsed: float) -
         keys = ("eval_loss", "eval_ce", "eval_kl", "eval_align", "eval_ce_no_latent", "eval_ce_data_latent")
         lines.append("  eval start:  " + _summary_line(eval_logs[0], keys))
         lines.append("  eval end:    " + _summary_line(eval_logs[-1], keys))
-    lines.append(f"  trained parts: {os.path.abspath(output_dir)} (student/, {LATENT_MODULES_NAME}, {LATENT_CONFIG_NAME})")
+    lines.append(
+        f"  trained parts: {os.path.abspath(output_dir)} (student/, {LATENT_MODULES_NAME}, {LATENT_CONFIG_NAME})"
+    )
     print("\n".join(lines), flush=True)
 
 
@@ -2012,7 +2042,9 @@ def run_training(model_args, data_args, latent_args, training_args) -> LatentCom
     resume = resolve_resume(training_args)
     transformers.set_seed(training_args.seed)  # the bridge and head initialisation depend on it
     model = build_models(model_args, latent_args, training_args, teacher_tokenizer, new_marker_ids)
-    run = LatentRun(model.settings, teacher_tokenizer, student_tokenizer, run_config(model_args, data_args, latent_args, model))
+    run = LatentRun(
+        model.settings, teacher_tokenizer, student_tokenizer, run_config(model_args, data_args, latent_args, model)
+    )
     if training_args.process_index == 0:
         write_run_args(training_args.output_dir, model_args, data_args, latent_args, training_args)
 

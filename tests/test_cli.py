@@ -65,7 +65,7 @@ def assert_trained_parts_only(directory, assets):
 
 def test_train_evaluate_save_resume_reload(assets, tmp_path):
     out = tmp_path / "run"
-    result = run_cli(base_args(assets, out, "--max_steps", "6"))
+    result = run_cli(base_args(assets, out, "--max_steps", "6", "--hub_token", "hf_not_a_real_secret"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_trained_parts_only(out, assets)
     for step in (3, 6):
@@ -81,20 +81,26 @@ def test_train_evaluate_save_resume_reload(assets, tmp_path):
     for h in eval_logs:
         for k in ("eval_ce", "eval_kl", "eval_align", "eval_ce_no_latent", "eval_ce_data_latent"):
             assert k in h
+    assert "hf_not_a_real_secret" not in (out / "run_args.json").read_text()  # secrets are masked
     run_args = json.loads((out / "run_args.json").read_text())
     assert run_args["LatentArguments"]["K"] == 4 and "transformers" in run_args["versions"]
 
     # Resume from the first checkpoint in a new directory: it continues at step 3 and ends at step 6,
     # with the same final weights as the uninterrupted run.
     resumed = tmp_path / "resumed"
-    result = run_cli(base_args(assets, resumed, "--max_steps", "6", "--resume_from_checkpoint", str(out / "checkpoint-3")))
+    result = run_cli(
+        base_args(assets, resumed, "--max_steps", "6", "--resume_from_checkpoint", str(out / "checkpoint-3"))
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((resumed / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     assert min(h["step"] for h in state["log_history"] if "ce" in h) <= 3  # history carried over
     from safetensors.torch import load_file
 
-    first, second = load_file(str(out / "latent_modules.safetensors")), load_file(str(resumed / "latent_modules.safetensors"))
+    first, second = (
+        load_file(str(out / "latent_modules.safetensors")),
+        load_file(str(resumed / "latent_modules.safetensors")),
+    )
     for key in first:
         torch.testing.assert_close(first[key], second[key], atol=1e-5, rtol=1e-4)
 
@@ -102,7 +108,9 @@ def test_train_evaluate_save_resume_reload(assets, tmp_path):
     model, run = tlc.load_latent_model(str(out))
     assert not model.training and model.settings.K == 4
     args = tlc.parse_args(base_args(assets, tmp_path / "unused"))
-    _, eval_dataset, collator = tlc.build_datasets(args[0], args[1], args[2], args[3], run.teacher_tokenizer, run.student_tokenizer)
+    _, eval_dataset, collator = tlc.build_datasets(
+        args[0], args[1], args[2], args[3], run.teacher_tokenizer, run.student_tokenizer
+    )
     sums = {"ce": 0.0, "n": 0, "ce_no_latent": 0.0}
     with torch.no_grad():
         for start in range(0, len(eval_dataset), 2):
@@ -121,7 +129,9 @@ def test_resume_true_picks_the_last_checkpoint_and_bad_path_is_an_error(assets, 
     with pytest.raises(tlc.LatentCommError, match="no checkpoint"):
         tlc.resolve_resume(args[3])
     (tmp_path / "ck" / "checkpoint-2").mkdir(parents=True)
-    args = tlc.parse_args(base_args(assets, tmp_path / "ck", "--resume_from_checkpoint", str(tmp_path / "ck" / "checkpoint-2")))
+    args = tlc.parse_args(
+        base_args(assets, tmp_path / "ck", "--resume_from_checkpoint", str(tmp_path / "ck" / "checkpoint-2"))
+    )
     with pytest.raises(tlc.LatentCommError, match="not a checkpoint"):
         tlc.resolve_resume(args[3])
 
@@ -176,3 +186,30 @@ def test_example_config_parses_and_flags_override_it():
     assert model_args.teacher_model_name_or_path == "Qwen/Qwen2.5-7B-Instruct"
     assert latent_args.K == 64 and training_args.gradient_accumulation_steps == 4
     assert training_args.metric_for_best_model == "eval_loss" and training_args.load_best_model_at_end
+
+
+def test_bf16_with_gradient_checkpointing_trains_float32_weights_over_a_bf16_teacher(assets, tmp_path):
+    out = tmp_path / "bf16"
+    code = tlc.main(
+        base_args(
+            assets,
+            out,
+            "--max_steps",
+            "2",
+            "--bf16",
+            "--gradient_checkpointing",
+            "--eval_ratio",
+            "0",
+            "--save_strategy",
+            "no",
+        )
+    )
+    assert code == 0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert all(h[k] == h[k] and abs(h[k]) < 1e4 for h in history if "ce" in h for k in ("loss", "ce", "kl", "align"))
+    for name in ("student/model.safetensors", "latent_modules.safetensors"):
+        with safe_open(str(out / name), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}, name
+    assert json.loads((out / "latent_config.json").read_text())["teacher_dtype"] == "bfloat16"
+    model, _ = tlc.load_latent_model(str(out))
+    assert model.teacher.dtype == torch.bfloat16 and model.lat_bos.dtype == torch.float32

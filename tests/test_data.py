@@ -104,8 +104,14 @@ def test_parse_conversations_roles_ids_and_usability():
         {"id": "a", "conversations": [{"from": "Human", "value": "hi"}, {"from": "GPT", "value": "ok"}]},
         {"id": 7, "conversations": [{"from": "USER", "value": "hi"}, {"from": "Assistant", "value": "ok"}]},
         # assistant before the first user message is fine as long as one follows it
-        {"id": "c", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"},
-                                      {"from": "gpt", "value": "z"}]},
+        {
+            "id": "c",
+            "conversations": [
+                {"from": "gpt", "value": "x"},
+                {"from": "human", "value": "y"},
+                {"from": "gpt", "value": "z"},
+            ],
+        },
         {"id": "no-user", "conversations": [{"from": "system", "value": "s"}, {"from": "gpt", "value": "z"}]},
         {"id": "no-answer", "conversations": [{"from": "gpt", "value": "z"}, {"from": "human", "value": "y"}]},
         {"id": "bad-role", "conversations": [{"from": "human", "value": "y"}, {"from": "robot", "value": "z"}]},
@@ -150,7 +156,9 @@ def test_plain_rendering_exact_tokens_labels_and_insert_pos(tokenizer, student_t
     # the system message stays before the latent block
     system_ids = _ids(tokenizer, MULTI_TURN[0][1] + "\n")
     assert sample.insert_pos > len(system_ids)
-    assert _decode(tokenizer, sample.input_ids[: sample.insert_pos]) == MULTI_TURN[0][1] + "\n" + MULTI_TURN[1][1] + "\n"
+    assert (
+        _decode(tokenizer, sample.input_ids[: sample.insert_pos]) == MULTI_TURN[0][1] + "\n" + MULTI_TURN[1][1] + "\n"
+    )
     # supervised tokens are exactly the two assistant texts, in order
     supervised = sample.labels[sample.labels != IGNORE]
     assert _decode(tokenizer, supervised) == MULTI_TURN[2][1] + MULTI_TURN[4][1]
@@ -177,8 +185,12 @@ def test_user_and_assistant_role_names_equal_human_and_gpt(tokenizer, student_to
     assert a.student_input_ids.tolist() == b.student_input_ids.tolist()
     for fmt in ("chat",):
         a = _encode(_conversation(*MULTI_TURN), tokenizer, student_tokenizer, conversation_format=fmt)
-        b = _encode(_conversation(*[(alias[r], t) for r, t in MULTI_TURN]), tokenizer, student_tokenizer,
-                    conversation_format=fmt)
+        b = _encode(
+            _conversation(*[(alias[r], t) for r, t in MULTI_TURN]),
+            tokenizer,
+            student_tokenizer,
+            conversation_format=fmt,
+        )
         assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
 
 
@@ -308,7 +320,9 @@ def test_student_max_length_keeps_prompt_and_end_of_conversation(tokenizer, stud
 
     tiny = _encode(conv, tokenizer, student_tokenizer, conversation_format=fmt, student_max_length=2)
     assert tiny.student_input_ids[: len(prefix_ids)].tolist() == prefix_ids  # the plan prompt is always kept
-    assert tiny.student_input_ids[len(prefix_ids):].tolist() == body_ids[-len(tiny.student_input_ids) + len(prefix_ids):]
+    assert (
+        tiny.student_input_ids[len(prefix_ids) :].tolist() == body_ids[-len(tiny.student_input_ids) + len(prefix_ids) :]
+    )
     # teacher side is untouched by the student bound
     full = _encode(conv, tokenizer, student_tokenizer, conversation_format=fmt)
     assert cut.input_ids.tolist() == full.input_ids.tolist()
@@ -377,9 +391,13 @@ def test_hidden_state_store_splits_and_id_fallback(tmp_path):
     import datasets
 
     def ds(ids, offset, key="task_id"):
-        return datasets.Dataset.from_dict({key: ids, "hidden_state": [_latent(2, 3, offset + i) for i in range(len(ids))]})
+        return datasets.Dataset.from_dict(
+            {key: ids, "hidden_state": [_latent(2, 3, offset + i) for i in range(len(ids))]}
+        )
 
-    store = tlc.HiddenStateStore(_save(datasets.DatasetDict({"validation": ds(["v"], 50), "train": ds(["t1", "t2"], 0)}), tmp_path / "dd1"))
+    store = tlc.HiddenStateStore(
+        _save(datasets.DatasetDict({"validation": ds(["v"], 50), "train": ds(["t1", "t2"], 0)}), tmp_path / "dd1")
+    )
     assert store.row_of == {"t1": 0, "t2": 1}
     np.testing.assert_array_equal(store.read(1), np.asarray(_latent(2, 3, 1), dtype=np.float32))
 
@@ -397,7 +415,10 @@ def test_hidden_state_store_splits_and_id_fallback(tmp_path):
     assert store.row_of == {"3": 0, "11": 1}
     problems = tlc.ProblemLog()
     convs = tlc.parse_conversations(
-        [{"id": i, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]} for i in (11, "3", 5)],
+        [
+            {"id": i, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+            for i in (11, "3", 5)
+        ],
         problems,
     )
     kept = tlc.check_hidden_states(convs, store, 3, problems)
@@ -413,9 +434,16 @@ def test_check_hidden_states_flags_each_problem(tmp_path):
     import datasets
 
     H = 4
-    hs = {"good": _latent(2, H, 0), "empty": [], "wide": _latent(2, H + 1, 0),
-          "nan": [[0.0, float("nan"), 1.0, 2.0]], "inf": [[0.0, float("inf"), 1.0, 2.0]]}
-    store = tlc.HiddenStateStore(_save(datasets.Dataset.from_dict({"task_id": list(hs), "hidden_state": list(hs.values())}), tmp_path / "hs"))
+    hs = {
+        "good": _latent(2, H, 0),
+        "empty": [],
+        "wide": _latent(2, H + 1, 0),
+        "nan": [[0.0, float("nan"), 1.0, 2.0]],
+        "inf": [[0.0, float("inf"), 1.0, 2.0]],
+    }
+    store = tlc.HiddenStateStore(
+        _save(datasets.Dataset.from_dict({"task_id": list(hs), "hidden_state": list(hs.values())}), tmp_path / "hs")
+    )
     convs = [tlc.Conversation(i, [("user", "q"), ("assistant", "a")]) for i in list(hs) + ["absent"]]
     problems = tlc.ProblemLog()
     kept = tlc.check_hidden_states(convs, store, H, problems)
@@ -427,7 +455,10 @@ def test_dataset_and_collator(tmp_path, tokenizer, student_tokenizer):
     import datasets
 
     H, K = 4, 5
-    path = _save(datasets.Dataset.from_dict({"task_id": ["a", "b"], "hidden_state": [_latent(2, H, 0), _latent(7, H, 50)]}), tmp_path / "hs")
+    path = _save(
+        datasets.Dataset.from_dict({"task_id": ["a", "b"], "hidden_state": [_latent(2, H, 0), _latent(7, H, 50)]}),
+        tmp_path / "hs",
+    )
     store = tlc.HiddenStateStore(path)
     long_conv = _conversation(*MULTI_TURN, record_id="a")
     short_conv = _conversation(("human", "Go."), ("gpt", "OK"), record_id="b")
@@ -440,8 +471,9 @@ def test_dataset_and_collator(tmp_path, tokenizer, student_tokenizer):
     item = dataset[1]
     assert item["data_latents"].shape == (K, H) and item["data_latents"].dtype == torch.float32
     np.testing.assert_array_equal(item["data_latents"].numpy(), np.asarray(_latent(7, H, 50), dtype=np.float32)[:K])
-    np.testing.assert_array_equal(dataset[0]["data_latents"].numpy(),
-                                  np.asarray(_latent(2, H, 0), dtype=np.float32)[[0, 1, 0, 1, 0]])
+    np.testing.assert_array_equal(
+        dataset[0]["data_latents"].numpy(), np.asarray(_latent(2, H, 0), dtype=np.float32)[[0, 1, 0, 1, 0]]
+    )
 
     t_pad, s_pad = 0, 3
     batch = tlc.LatentCommCollator(teacher_pad_id=t_pad, student_pad_id=s_pad)([dataset[0], dataset[1]])
@@ -455,12 +487,12 @@ def test_dataset_and_collator(tmp_path, tokenizer, student_tokenizer):
     for b, sample in enumerate(samples):
         # teacher: right padding, labels -100 on pads
         assert batch["input_ids"][b, : n[b]].tolist() == sample.input_ids.tolist()
-        assert (batch["input_ids"][b, n[b]:] == t_pad).all()
+        assert (batch["input_ids"][b, n[b] :] == t_pad).all()
         assert batch["labels"][b, : n[b]].tolist() == sample.labels.tolist()
-        assert (batch["labels"][b, n[b]:] == IGNORE).all()
+        assert (batch["labels"][b, n[b] :] == IGNORE).all()
         assert batch["attention_mask"][b].tolist() == [1] * n[b] + [0] * (T - n[b])
         # student: left padding
-        assert batch["student_input_ids"][b, S - m[b]:].tolist() == sample.student_input_ids.tolist()
+        assert batch["student_input_ids"][b, S - m[b] :].tolist() == sample.student_input_ids.tolist()
         assert (batch["student_input_ids"][b, : S - m[b]] == s_pad).all()
         assert batch["student_attention_mask"][b].tolist() == [0] * (S - m[b]) + [1] * m[b]
     assert batch["insert_pos"].tolist() == [s.insert_pos for s in samples]
@@ -475,8 +507,14 @@ def test_dataset_and_collator(tmp_path, tokenizer, student_tokenizer):
 # ----------------------------------------------------------------------------------------------------
 
 REQUIRED = lambda a: [  # noqa: E731
-    "--teacher_model_name_or_path", a["teacher"], "--student_model_name_or_path", a["student"],
-    "--data_path", a["data"], "--hf_hidden_repo", a["hidden_states"],
+    "--teacher_model_name_or_path",
+    a["teacher"],
+    "--student_model_name_or_path",
+    a["student"],
+    "--data_path",
+    a["data"],
+    "--hf_hidden_repo",
+    a["hidden_states"],
 ]
 
 
@@ -486,7 +524,10 @@ def test_parse_args_missing_required_arguments(assets):
     assert str(err.value) == "Missing required arguments: --data_path, --hf_hidden_repo"
     with pytest.raises(tlc.LatentCommError) as err:
         tlc.parse_args(["--data_path", "d.json"])
-    assert str(err.value) == "Missing required arguments: --teacher_model_name_or_path, --student_model_name_or_path, --hf_hidden_repo"
+    assert (
+        str(err.value)
+        == "Missing required arguments: --teacher_model_name_or_path, --student_model_name_or_path, --hf_hidden_repo"
+    )
     with pytest.raises(tlc.LatentCommError) as err:
         tlc.parse_args([])
     assert str(err.value) == "Missing required arguments: " + ", ".join("--" + n for n in tlc.REQUIRED_ARGUMENTS)
@@ -573,8 +614,15 @@ def test_config_file_invalid_yaml_is_a_latent_comm_error(tmp_path):
 
 def _env():
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+    )
     return env
 
 
@@ -679,12 +727,33 @@ def _write_case(root, base_data, case):
 
 
 CLI_CASES = [
-    "duplicate_id", "missing_latent", "wrong_width", "empty_latent", "nan_latent", "unknown_role",
-    "no_user_turn", "no_assistant_after_user", "invalid_json", "nonexistent_data",
+    "duplicate_id",
+    "missing_latent",
+    "wrong_width",
+    "empty_latent",
+    "nan_latent",
+    "unknown_role",
+    "no_user_turn",
+    "no_assistant_after_user",
+    "invalid_json",
+    "nonexistent_data",
 ]
 INPROCESS_CASES = ["several_problems", "unusable_after_truncation", "jsonl_bad_line", "duplicate_id", "missing_latent"]
-SHORT_RUN = ["--max_steps", "1", "--eval_ratio", "0", "--K", "4", "--model_max_length", "256", "--save_strategy", "no",
-             "--use_cpu", "--report_to", "none"]
+SHORT_RUN = [
+    "--max_steps",
+    "1",
+    "--eval_ratio",
+    "0",
+    "--K",
+    "4",
+    "--model_max_length",
+    "256",
+    "--save_strategy",
+    "no",
+    "--use_cpu",
+    "--report_to",
+    "none",
+]
 
 
 def _assert_words(words, line, message):
@@ -696,8 +765,19 @@ def _assert_words(words, line, message):
 
 
 def _argv(models, data_path, hidden_dir, out_dir, extra=()):
-    return ["--teacher_model_name_or_path", models["teacher"], "--student_model_name_or_path", models["student"],
-            "--data_path", data_path, "--hf_hidden_repo", hidden_dir, "--output_dir", out_dir, *extra]
+    return [
+        "--teacher_model_name_or_path",
+        models["teacher"],
+        "--student_model_name_or_path",
+        models["student"],
+        "--data_path",
+        data_path,
+        "--hf_hidden_repo",
+        hidden_dir,
+        "--output_dir",
+        out_dir,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -711,20 +791,36 @@ def cli_results(assets, base_data, broken_models, tmp_path_factory):
         jobs[case] = _argv(broken_models, data_path, hidden_dir, str(root / case / "out"))
     # control: valid data with the weightless copies must fail at weight loading (so the cases above prove
     # that validation runs first)
-    jobs["control_broken_weights"] = _argv(broken_models, assets["data"], assets["hidden_states"], str(root / "control"))
+    jobs["control_broken_weights"] = _argv(
+        broken_models, assets["data"], assets["hidden_states"], str(root / "control")
+    )
     # one bad record among good ones, dropped with a warning; real weights, one optimizer step
     skip_data, skip_hidden, _ = _write_case(root / "skip", base_data, "unknown_role")
-    jobs["skip_invalid"] = _argv(assets, skip_data, skip_hidden, str(root / "skip" / "out"),
-                                 ["--skip_invalid_samples", *SHORT_RUN])
-    jobs["missing_args"] = ["--teacher_model_name_or_path", assets["teacher"],
-                            "--student_model_name_or_path", assets["student"]]
+    jobs["skip_invalid"] = _argv(
+        assets, skip_data, skip_hidden, str(root / "skip" / "out"), ["--skip_invalid_samples", *SHORT_RUN]
+    )
+    jobs["missing_args"] = [
+        "--teacher_model_name_or_path",
+        assets["teacher"],
+        "--student_model_name_or_path",
+        assets["student"],
+    ]
 
     results, pending, running = {}, list(jobs.items()), {}
     while pending or running:
         while pending and len(running) < 4:
             name, argv = pending.pop(0)
-            running[name] = (subprocess.Popen([sys.executable, SCRIPT, *argv], cwd=str(root), env=_env(),
-                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.time())
+            running[name] = (
+                subprocess.Popen(
+                    [sys.executable, SCRIPT, *argv],
+                    cwd=str(root),
+                    env=_env(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+                time.time(),
+            )
         for name, (proc, started) in list(running.items()):
             if proc.poll() is not None or time.time() - started > 240:
                 if proc.poll() is None:

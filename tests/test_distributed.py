@@ -1,10 +1,8 @@
 """Two-process launches on CPU (gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3 train, save and reload."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -188,7 +188,9 @@ def test_teacher_markers_initialised_to_vocabulary_mean(assets):
     assert teacher_tok.convert_tokens_to_ids("<|im_start|>") == AutoTokenizer.from_pretrained(
         assets["teacher"]
     ).convert_tokens_to_ids("<|im_start|>")
-    model = tlc.build_models(model_args, tlc.LatentArguments(head_num_heads=4), tlc.TrainingArguments("/tmp/x"), teacher_tok, new_ids)
+    model = tlc.build_models(
+        model_args, tlc.LatentArguments(head_num_heads=4), tlc.TrainingArguments("/tmp/x"), teacher_tok, new_ids
+    )
     emb = model.teacher.get_input_embeddings().weight
     n_original = len(teacher_tok) - 2
     assert emb.shape[0] >= len(teacher_tok)  # spare rows used, never shrunk
@@ -204,7 +206,9 @@ def test_teacher_markers_initialised_to_vocabulary_mean(assets):
 def reference_terms(model, batch, uniform=False):
     cfg = model.settings
     K = cfg.K
-    za = model.project_student_latents(model.student_latents(batch["student_input_ids"], batch["student_attention_mask"]))
+    za = model.project_student_latents(
+        model.student_latents(batch["student_input_ids"], batch["student_attention_mask"])
+    )
     zd = model.project_data_latents(batch["data_latents"])
     emb = model.teacher.get_input_embeddings()
     bop, eop = emb.weight[cfg.bop_id], emb.weight[cfg.eop_id]
@@ -245,9 +249,9 @@ def reference_terms(model, batch, uniform=False):
     if uniform:
         w = torch.ones(len(kls))
     kl_stack = torch.stack(kls)
-    align = 1 - torch.stack(
-        [F.cosine_similarity(za[b].mean(0), zd[b].mean(0), dim=0) for b in range(za.shape[0])]
-    ).mean()
+    align = (
+        1 - torch.stack([F.cosine_similarity(za[b].mean(0), zd[b].mean(0), dim=0) for b in range(za.shape[0])]).mean()
+    )
     return {
         "ce": torch.stack(nll).mean(),
         "kl": (w * kl_stack).sum() / (w.sum() + 1e-6),
@@ -273,7 +277,11 @@ def test_loss_terms_match_slow_reference(tiny_model, assets, tokenizer, fmt, qua
     n = out["n_targets"]
     torch.testing.assert_close(out["ce_no_latent_sum"] / n, ref["ce_no_latent"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out["ce_data_latent_sum"] / n, ref["ce_data_latent"], atol=1e-5, rtol=1e-4)
-    expected = model.settings.ce_weight * ref["ce"] + model.settings.kl_weight * ref["kl"] + model.settings.align_weight * ref["align"]
+    expected = (
+        model.settings.ce_weight * ref["ce"]
+        + model.settings.kl_weight * ref["kl"]
+        + model.settings.align_weight * ref["align"]
+    )
     torch.testing.assert_close(out["loss"], expected, atol=1e-5, rtol=1e-4)
 
 
