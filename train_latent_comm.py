@@ -1992,7 +1992,14 @@ def write_run_args(output_dir: str, *arg_groups) -> None:
         for g in arg_groups
     }
     record["versions"] = library_versions()
-    record["argv"] = sys.argv
+    argv = list(sys.argv)
+    for i, arg in enumerate(argv):  # --hub_token VALUE / --hub_token=VALUE
+        if arg.startswith("--") and arg.split("=")[0].endswith("token"):
+            if "=" in arg:
+                argv[i] = arg.split("=")[0] + "=<redacted>"
+            elif i + 1 < len(argv):
+                argv[i + 1] = "<redacted>"
+    record["argv"] = argv
     os.makedirs(output_dir, exist_ok=True)
     Path(output_dir, RUN_ARGS_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
 
