@@ -176,26 +176,69 @@ def test_gradients_reach_student_bridge_and_head_never_the_teacher(tiny_model, b
         assert any(p.grad.abs().sum() > 0 for _, p in params), prefix
 
 
-def test_teacher_markers_initialised_to_vocabulary_mean(assets):
-    from transformers import AutoTokenizer
+def _markers_case(teacher_dir, student_dir):
+    from transformers import AutoModelForCausalLM
 
-    model_args = tlc.ModelArguments(assets["teacher"], assets["student"])
-    data_args = tlc.DataArguments()
-    teacher_tok, _, new_ids = tlc.build_tokenizers(model_args, data_args)
-    assert len(new_ids) == 2 and teacher_tok.convert_ids_to_tokens(new_ids) == ["<bop>", "<eop>"]
-    # The tokenizer's own special tokens survive.
-    assert "<|im_start|>" in teacher_tok.all_special_tokens or "<|im_start|>" in teacher_tok.get_vocab()
-    assert teacher_tok.convert_tokens_to_ids("<|im_start|>") == AutoTokenizer.from_pretrained(
-        assets["teacher"]
-    ).convert_tokens_to_ids("<|im_start|>")
+    model_args = tlc.ModelArguments(str(teacher_dir), str(student_dir))
+    teacher_tok, _, new_ids = tlc.build_tokenizers(model_args, tlc.DataArguments())
+    raw = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
     model = tlc.build_models(
         model_args, tlc.LatentArguments(head_num_heads=4), tlc.TrainingArguments("/tmp/x"), teacher_tok, new_ids
     )
-    emb = model.teacher.get_input_embeddings().weight
+    return teacher_tok, new_ids, raw, model
+
+
+def test_markers_use_spare_rows_and_start_at_the_vocabulary_mean(assets):
+    from transformers import AutoTokenizer
+
+    teacher_tok, new_ids, raw, model = _markers_case(assets["teacher"], assets["student"])
+    assert teacher_tok.convert_ids_to_tokens(new_ids) == ["<bop>", "<eop>"]
+    # The tokenizer's own special tokens survive the addition and keep their ids.
+    original = AutoTokenizer.from_pretrained(assets["teacher"])
+    assert "<|im_start|>" in original.all_special_tokens and "<|im_start|>" in teacher_tok.all_special_tokens
+    assert teacher_tok("<|im_start|>", add_special_tokens=False)["input_ids"] == [
+        original.convert_tokens_to_ids("<|im_start|>")
+    ]
     n_original = len(teacher_tok) - 2
-    assert emb.shape[0] >= len(teacher_tok)  # spare rows used, never shrunk
+    for embeddings, raw_embeddings in (
+        (model.teacher.get_input_embeddings(), raw.get_input_embeddings()),
+        (model.teacher.get_output_embeddings(), raw.get_output_embeddings()),
+    ):
+        weight, raw_weight = embeddings.weight, raw_embeddings.weight
+        assert weight.shape == raw_weight.shape  # the spare rows hold the markers: no resize, no shrink
+        for marker_id in new_ids:
+            torch.testing.assert_close(weight[marker_id], raw_weight[:n_original].mean(0))
+        keep = [i for i in range(weight.shape[0]) if i not in new_ids]
+        torch.testing.assert_close(weight[keep], raw_weight[keep])
+
+
+def test_markers_resize_a_teacher_without_spare_rows(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["teacher"])
+    exact = tlc.build_tiny_causal_lm(len(tokenizer), 64, tie=False, seed=3)
+    exact.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    teacher_tok, new_ids, raw, model = _markers_case(tmp_path / "teacher", assets["student"])
+    weight = model.teacher.get_input_embeddings().weight
+    assert weight.shape[0] == len(teacher_tok) == len(tokenizer) + 2
     for marker_id in new_ids:
-        torch.testing.assert_close(emb[marker_id], emb[:n_original].mean(0))
+        torch.testing.assert_close(weight[marker_id], raw.get_input_embeddings().weight.mean(0))
+    torch.testing.assert_close(weight[: len(tokenizer)], raw.get_input_embeddings().weight)
+    assert model.teacher.get_output_embeddings().weight.shape[0] == len(teacher_tok)
+
+
+def test_markers_the_tokenizer_already_has_keep_their_rows(assets, tmp_path):
+    import shutil
+
+    shutil.copytree(assets["teacher"], tmp_path / "teacher")
+    with_markers, _, _ = tlc.build_tokenizers(
+        tlc.ModelArguments(assets["teacher"], assets["student"]), tlc.DataArguments()
+    )
+    with_markers.save_pretrained(tmp_path / "teacher")
+    teacher_tok, new_ids, raw, model = _markers_case(tmp_path / "teacher", assets["student"])
+    assert new_ids == []
+    torch.testing.assert_close(model.teacher.get_input_embeddings().weight, raw.get_input_embeddings().weight)
 
 
 # ----------------------------------------------------------------------------------------------------
