@@ -213,3 +213,13 @@ def test_bf16_with_gradient_checkpointing_trains_float32_weights_over_a_bf16_tea
     assert json.loads((out / "latent_config.json").read_text())["teacher_dtype"] == "bfloat16"
     model, _ = tlc.load_latent_model(str(out))
     assert model.teacher.dtype == torch.bfloat16 and model.lat_bos.dtype == torch.float32
+
+
+def test_chat_format_trains_end_to_end(assets, tmp_path):
+    out = tmp_path / "chat"
+    args = ("--max_steps", "2", "--conversation_format", "chat", "--eval_ratio", "0", "--save_strategy", "no")
+    assert tlc.main(base_args(assets, out, *args)) == 0
+    config = json.loads((out / "latent_config.json").read_text())
+    assert config["conversation_format"] == "chat"
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "ce" in h] == [1, 2]
