@@ -1594,7 +1594,7 @@ def load_latent_model(
         os.path.join(output_dir, STUDENT_DIR), trust_remote_code=trust_remote_code
     )
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, **load_kwargs)
-    if len(teacher_tokenizer) > teacher.get_input_embeddings().weight.shape[0]:
+    if len(teacher_tokenizer) > teacher.get_input_embeddings().num_embeddings:
         teacher.resize_token_embeddings(len(teacher_tokenizer), mean_resizing=False)
     student = AutoModelForCausalLM.from_pretrained(
         os.path.join(output_dir, STUDENT_DIR), dtype=torch.float32, **load_kwargs
@@ -1721,11 +1721,10 @@ def _init_marker_rows(teacher: nn.Module, new_marker_ids: list[int], n_original:
     """Rows of markers new to the tokenizer start at the mean of the original vocabulary's rows."""
     if not new_marker_ids:
         return
-    with torch.no_grad():
-        for module in {
-            id(m): m for m in (teacher.get_input_embeddings(), teacher.get_output_embeddings()) if m is not None
-        }.values():
-            weight = module.weight
+    modules = {id(m): m for m in (teacher.get_input_embeddings(), teacher.get_output_embeddings()) if m is not None}
+    for module in modules.values():
+        weight = module.weight
+        with _gathered_for_update([weight]), torch.no_grad():
             weight[new_marker_ids] = weight[:n_original].float().mean(0).to(weight.dtype)
 
 
@@ -1752,7 +1751,7 @@ def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_
     except (OSError, ValueError, ImportError) as err:
         raise LatentCommError(f"cannot load models: {str(err).splitlines()[0]}") from None
 
-    rows = teacher.get_input_embeddings().weight.shape[0]
+    rows = teacher.get_input_embeddings().num_embeddings  # not weight.shape: empty under ZeRO-3 partitioning
     n_original = len(teacher_tokenizer) - len(new_marker_ids)
     if len(teacher_tokenizer) > rows:  # never shrink: Qwen2.5 has spare rows that already fit the markers
         teacher.resize_token_embeddings(len(teacher_tokenizer), mean_resizing=False)
