@@ -668,9 +668,11 @@ def encode_conversation(
     # The spliced sequence holds the K latents and two markers; cut tokens from the end to fit.
     max_tokens = data_args.model_max_length - K - 2
     if insert_pos > max_tokens:
-        raise ValueError(f"its first user message ends at token {insert_pos}, beyond --model_max_length")
+        # Generic wording (no token counts), so that the problem report groups such records together.
+        raise ValueError("its first user message ends beyond --model_max_length - K - 2 tokens")
     input_ids, labels = input_ids[:max_tokens], labels[:max_tokens]
-    labels[0] = IGNORE_INDEX  # nothing predicts the first token (and the Trainer's token count agrees)
+    if labels:
+        labels[0] = IGNORE_INDEX  # nothing predicts the first token (and the Trainer's token count agrees)
     if not any(label != IGNORE_INDEX for label in labels[1:]):
         raise ValueError("it keeps no supervised assistant token within --model_max_length")
 
