@@ -2019,6 +2019,21 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     return resume
 
 
+def check_resume_compatible(checkpoint_dir: str, config: dict[str, Any]) -> None:
+    """A checkpoint must have been made with the same shapes and marker ids as this run."""
+    saved = json.loads(Path(checkpoint_dir, LATENT_CONFIG_NAME).read_text())
+    keys = ("teacher_hidden_size", "student_hidden_size", "head_num_heads")
+    different = [f"{k} {saved.get(k)} != {config[k]}" for k in keys if saved.get(k) != config[k]]
+    for k in ("K", "bop_id", "eop_id"):
+        if saved.get("settings", {}).get(k) != config["settings"][k]:
+            different.append(f"{k} {saved.get('settings', {}).get(k)} != {config['settings'][k]}")
+    if different:
+        raise LatentCommError(
+            f"--resume_from_checkpoint {checkpoint_dir} was made with other settings ({'; '.join(different)}): "
+            "resume with the flags of that run"
+        )
+
+
 def _summary_line(entry: dict[str, float], keys: Iterable[str]) -> str:
     return ", ".join(f"{k} {entry[k]:.4f}" for k in keys if k in entry)
 
@@ -2053,6 +2068,8 @@ def run_training(model_args, data_args, latent_args, training_args) -> LatentCom
     run = LatentRun(
         model.settings, teacher_tokenizer, student_tokenizer, run_config(model_args, data_args, latent_args, model)
     )
+    if resume:
+        check_resume_compatible(resume, run.config)
     if training_args.process_index == 0:
         write_run_args(training_args.output_dir, model_args, data_args, latent_args, training_args)
 

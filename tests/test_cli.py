@@ -223,3 +223,16 @@ def test_chat_format_trains_end_to_end(assets, tmp_path):
     assert config["conversation_format"] == "chat"
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [h["step"] for h in history if "ce" in h] == [1, 2]
+
+
+def test_resume_with_other_shapes_is_a_clear_error(assets, tmp_path, capsys):
+    out = tmp_path / "first"
+    assert tlc.main(base_args(assets, out, "--max_steps", "2", "--eval_ratio", "0", "--save_steps", "2")) == 0
+    code = tlc.main(
+        base_args(
+            assets, tmp_path / "second", "--max_steps", "4", "--eval_ratio", "0", "--K", "6",
+            "--resume_from_checkpoint", str(out / "checkpoint-2"),
+        )
+    )  # fmt: skip
+    assert code == 2
+    assert "K 4 != 6" in capsys.readouterr().err
