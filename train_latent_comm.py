@@ -951,9 +951,14 @@ def weighted_kl(kl: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights * kl).sum() / (weights.sum() + 1e-6)
 
 
+def alignment_per_sample(student_latents: torch.Tensor, data_latents: torch.Tensor) -> torch.Tensor:
+    """`1 - cos(mean_k Za[b], mean_k Zd[b])` `[B]` for `[B, K, H]` latents."""
+    return 1 - F.cosine_similarity(student_latents.float().mean(1), data_latents.float().mean(1), dim=-1)
+
+
 def alignment_loss(student_latents: torch.Tensor, data_latents: torch.Tensor) -> torch.Tensor:
     """`1 - mean_b cos(mean_k Za[b], mean_k Zd[b])` for `[B, K, H]` latents."""
-    return 1 - F.cosine_similarity(student_latents.float().mean(1), data_latents.float().mean(1), dim=-1).mean()
+    return alignment_per_sample(student_latents, data_latents).mean()
 
 
 def _rows_per_chunk(lm_head: nn.Module) -> int:
@@ -970,17 +975,18 @@ def _maybe_checkpoint(fn, *tensors):
     return fn(*tensors)
 
 
-def chunked_nll_sum(hidden_rows: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    """Sum of `-log p(target)` over rows `[N, H]`, computing `[chunk, V]` logits at a time."""
-    total = hidden_rows.new_zeros((), dtype=torch.float32)
+def chunked_nll(hidden_rows: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """`-log p(target)` `[N]` at rows `[N, H]`, computing `[chunk, V]` logits at a time."""
     step = _rows_per_chunk(lm_head)
 
     def nll(rows, tgt):
-        return F.cross_entropy(lm_head(rows).float(), tgt, reduction="sum")
+        return F.cross_entropy(lm_head(rows).float(), tgt, reduction="none")
 
-    for start in range(0, hidden_rows.shape[0], step):
-        total = total + _maybe_checkpoint(nll, hidden_rows[start : start + step], targets[start : start + step])
-    return total
+    parts = [
+        _maybe_checkpoint(nll, hidden_rows[i : i + step], targets[i : i + step])
+        for i in range(0, hidden_rows.shape[0], step)
+    ]
+    return torch.cat(parts) if parts else hidden_rows.new_zeros(0, dtype=torch.float32)
 
 
 def chunked_entropy(hidden_rows: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
@@ -1277,26 +1283,50 @@ class LatentCommModel(nn.Module):
 
         # Runs D and B first, without gradient: only their window rows (and eval's CE rows) are kept,
         # so their full hidden states are freed before run A builds its graph.
-        extras = {}
+        nll = {}
         with torch.no_grad():
             hidden_d = self.teacher_hidden(input_ids, attention_mask, insert_pos, zd)
             rows_d = hidden_d[wb, spliced_pred[wb, wt]]  # [Nw, Ht]
             entropy_d = chunked_entropy(rows_d, lm_head)
             if not self.training:
-                extras["ce_data_latent_sum"] = chunked_nll_sum(hidden_d[tb, spliced_pred[tb, tt]], targets, lm_head)
+                nll["data_latent"] = chunked_nll(hidden_d[tb, spliced_pred[tb, tt]], targets, lm_head)
             del hidden_d
             hidden_b = self.teacher_hidden(input_ids, attention_mask)
             entropy_b = chunked_entropy(hidden_b[wb, wt - 1], lm_head)
             if not self.training:
-                extras["ce_no_latent_sum"] = chunked_nll_sum(hidden_b[tb, tt - 1], targets, lm_head)
+                nll["no_latent"] = chunked_nll(hidden_b[tb, tt - 1], targets, lm_head)
             del hidden_b
 
         hidden_a = self.teacher_hidden(input_ids, attention_mask, insert_pos, za)  # [B, T+K+2, Ht]
-        ce_sum = chunked_nll_sum(hidden_a[tb, spliced_pred[tb, tt]], targets, lm_head)
+        nll_a = chunked_nll(hidden_a[tb, spliced_pred[tb, tt]], targets, lm_head)  # [N]
+        ce_sum = nll_a.sum()
         kl_rows = chunked_kl(hidden_a[wb, spliced_pred[wb, wt]], rows_d, lm_head, cfg.kl_temperature)
         weights = uncertainty_weights(entropy_b, entropy_d, cfg.uncertainty_quantile, cfg.kl_weighting)
         kl = weighted_kl(kl_rows, weights)
-        align = alignment_loss(za, zd)
+        align_per_sample = alignment_per_sample(za, zd)  # [B]
+        align = align_per_sample.mean()
+
+        extras = {}
+        if not self.training:
+            # Per-sample sums, so that evaluation can drop the samples repeated to even out the last batch.
+            def per_sample(values):
+                return values.new_zeros(labels.shape[0]).index_add_(0, tb, values.detach().float())
+
+            extras = {
+                "ce_no_latent_sum": nll["no_latent"].sum(),
+                "ce_data_latent_sum": nll["data_latent"].sum(),
+                "per_sample": torch.stack(
+                    [
+                        per_sample(nll_a),
+                        target_mask.sum(1).float(),
+                        per_sample(nll["no_latent"]),
+                        per_sample(nll["data_latent"]),
+                        align_per_sample.detach(),
+                        kl.detach().float().expand(labels.shape[0]),
+                    ],
+                    dim=1,
+                ),  # [B, len(EVAL_COLUMNS)]
+            }
 
         n_targets = target_mask.sum()
         denominator = num_items_in_batch if num_items_in_batch is not None else n_targets.clamp(min=1)
@@ -1319,6 +1349,8 @@ class LatentCommModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 TRAIN_TERMS = ("ce", "kl", "align")
+# Columns of the per-sample evaluation statistics returned by `LatentCommModel.forward` in eval mode.
+EVAL_COLUMNS = ("ce_sum", "n_targets", "ce_no_latent_sum", "ce_data_latent_sum", "align", "kl")
 
 
 class LatentCommTrainer(Trainer):
@@ -1336,7 +1368,8 @@ class LatentCommTrainer(Trainer):
         self.latent_run = latent_run
         self._train_sums: dict[str, torch.Tensor] = {}
         self._train_count = 0
-        self._eval_sums: dict[str, torch.Tensor] = {}
+        self._eval_sums: torch.Tensor | int = 0
+        self._eval_count = 0
 
     # -- loss and logging -----------------------------------------------------------------------------
 
@@ -1376,32 +1409,21 @@ class LatentCommTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             out = model(**inputs)
-        batch = float(inputs["input_ids"].shape[0])
-        sums = {
-            "ce_sum": out["ce_sum"],
-            "n_targets": out["n_targets"].float(),
-            "kl": out["kl"] * batch,
-            "align": out["align"] * batch,
-            "ce_no_latent_sum": out["ce_no_latent_sum"],
-            "ce_data_latent_sum": out["ce_data_latent_sum"],
-            "n_samples": torch.tensor(batch, device=out["ce_sum"].device),
-        }
-        for name, value in sums.items():
-            self._eval_sums[name] = self._eval_sums.get(name, 0) + value.detach().float()
+        # gather_for_metrics drops the samples that the sharded loader repeats to even out the last batch.
+        stats = self.accelerator.gather_for_metrics(out["per_sample"])  # [B * world, len(EVAL_COLUMNS)]
+        self._eval_sums = self._eval_sums + stats.sum(0)
+        self._eval_count += stats.shape[0]
         return out["loss"].detach(), None, None
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
-        self._eval_sums = {}
+        self._eval_sums, self._eval_count = 0, 0
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        prefix = metric_key_prefix
-        if self._eval_sums:
-            names = sorted(self._eval_sums)
-            totals = torch.stack([self._eval_sums[n].to(self.args.device) for n in names])
-            totals = dict(zip(names, self.accelerator.reduce(totals, reduction="sum").tolist()))
+        if self._eval_count:
+            totals = dict(zip(EVAL_COLUMNS, self._eval_sums.tolist()))
             cfg = self.latent_run.settings
-            n_tokens, n_samples = max(totals["n_targets"], 1.0), max(totals["n_samples"], 1.0)
+            n_tokens, n_samples = max(totals["n_targets"], 1.0), float(self._eval_count)
             terms = {
                 "ce": totals["ce_sum"] / n_tokens,
                 "kl": totals["kl"] / n_samples,
@@ -1413,8 +1435,7 @@ class LatentCommTrainer(Trainer):
             terms["loss"] = (
                 cfg.ce_weight * terms["ce"] + cfg.kl_weight * terms["kl"] + cfg.align_weight * terms["align"]
             )
-            output.metrics.update({f"{prefix}_{name}": value for name, value in terms.items()})
-        self._eval_sums = {}
+            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in terms.items()})
         return output
 
     # -- saving and loading -----------------------------------------------------------------------------

@@ -105,17 +105,20 @@ def test_train_evaluate_save_resume_reload(assets, tmp_path):
         torch.testing.assert_close(first[key], second[key], atol=1e-5, rtol=1e-4)
 
     # Reload the final directory with the teacher and recompute the evaluation: same numbers as training's.
+    assert_reloaded_model_reproduces_eval(assets, out, tmp_path)
+
+
+def assert_reloaded_model_reproduces_eval(assets, out, tmp_path, *extra):
+    """Reload `out` with `load_latent_model`, recompute CE over the same eval split in one process, one
+    sample at a time, and compare with the eval_results.json that training wrote."""
     model, run = tlc.load_latent_model(str(out))
     assert not model.training and model.settings.K == 4
-    args = tlc.parse_args(base_args(assets, tmp_path / "unused"))
-    _, eval_dataset, collator = tlc.build_datasets(
-        args[0], args[1], args[2], args[3], run.teacher_tokenizer, run.student_tokenizer
-    )
+    args = tlc.parse_args(base_args(assets, tmp_path / "unused", *extra))
+    _, eval_dataset, collator = tlc.build_datasets(*args, run.teacher_tokenizer, run.student_tokenizer)
     sums = {"ce": 0.0, "n": 0, "ce_no_latent": 0.0}
     with torch.no_grad():
-        for start in range(0, len(eval_dataset), 2):
-            batch = collator([eval_dataset[i] for i in range(start, min(start + 2, len(eval_dataset)))])
-            terms = model(**batch)
+        for i in range(len(eval_dataset)):
+            terms = model(**collator([eval_dataset[i]]))
             sums["ce"] += float(terms["ce_sum"])
             sums["ce_no_latent"] += float(terms["ce_no_latent_sum"])
             sums["n"] += int(terms["n_targets"])

@@ -87,7 +87,7 @@ def test_chunked_nll_matches_full_cross_entropy_and_gradient(head_and_rows, monk
     full = F.cross_entropy(lm_head(rows), targets, reduction="sum")
     (grad_full,) = torch.autograd.grad(full, rows)
     monkeypatch.setattr(tlc, "LOGIT_CHUNK_ELEMENTS", 37 * 5)  # 5 rows a chunk, 5 chunks
-    chunked = tlc.chunked_nll_sum(rows, targets, lm_head)
+    chunked = tlc.chunked_nll(rows, targets, lm_head).sum()
     (grad_chunked,) = torch.autograd.grad(chunked, rows)
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(grad_chunked, grad_full)
@@ -110,4 +110,4 @@ def test_chunked_helpers_accept_no_rows(head_and_rows):
     empty = torch.zeros(0, 16)
     assert tlc.chunked_entropy(empty, lm_head).shape == (0,)
     assert tlc.chunked_kl(empty, empty, lm_head, 1.0).shape == (0,)
-    assert tlc.chunked_nll_sum(empty, torch.zeros(0, dtype=torch.long), lm_head).item() == 0.0
+    assert tlc.chunked_nll(empty, torch.zeros(0, dtype=torch.long), lm_head).shape == (0,)

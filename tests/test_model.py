@@ -320,6 +320,12 @@ def test_loss_terms_match_slow_reference(tiny_model, assets, tokenizer, fmt, qua
     n = out["n_targets"]
     torch.testing.assert_close(out["ce_no_latent_sum"] / n, ref["ce_no_latent"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out["ce_data_latent_sum"] / n, ref["ce_data_latent"], atol=1e-5, rtol=1e-4)
+    # Per-sample evaluation statistics add up to the batch terms.
+    per_sample = dict(zip(tlc.EVAL_COLUMNS, out["per_sample"].unbind(1)))
+    torch.testing.assert_close(per_sample["ce_sum"].sum(), out["ce_sum"].float(), atol=1e-4, rtol=1e-5)
+    assert int(per_sample["n_targets"].sum()) == ref["n_targets"]
+    torch.testing.assert_close(per_sample["ce_no_latent_sum"].sum() / n, ref["ce_no_latent"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(per_sample["align"].mean(), ref["align"], atol=1e-5, rtol=1e-4)
     expected = (
         model.settings.ce_weight * ref["ce"]
         + model.settings.kl_weight * ref["kl"]
