@@ -1466,6 +1466,18 @@ class LatentCommTrainer(Trainer):
         self._load_scaler(resume_from_checkpoint)
         return model, train_dataloader
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if not (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()):
+            return super().save_model(output_dir, _internal_call)
+        # The Trainer would consolidate every parameter, the frozen teacher's included, on rank 0 at every
+        # save; gather only what is written. Collective: every rank runs it.
+        model = self.accelerator.unwrap_model(self.model)
+        state_dict, marker_rows = _gather_zero3_trained_parts(model)
+        if self.args.should_save:
+            save_trained_parts(model, self.latent_run, output_dir or self.args.output_dir, state_dict, marker_rows)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
@@ -1537,8 +1549,17 @@ def _marker_rows(teacher: nn.Module, settings: LatentSettings, state_dict: dict 
     return rows
 
 
-def save_trained_parts(model: LatentCommModel, run: LatentRun, output_dir: str, state_dict: dict | None = None):
-    """Write the student, bridge, head, marker rows, tokenizers and latent_config.json (never the teacher)."""
+def save_trained_parts(
+    model: LatentCommModel,
+    run: LatentRun,
+    output_dir: str,
+    state_dict: dict | None = None,
+    marker_rows: dict[str, torch.Tensor] | None = None,
+):
+    """Write the student, bridge, head, marker rows, tokenizers and latent_config.json (never the teacher).
+
+    `state_dict` (the model's, when given) and `marker_rows` replace reading the live parameters, for
+    sharded training where rank 0 does not hold them."""
     from safetensors.torch import save_file
 
     os.makedirs(output_dir, exist_ok=True)
@@ -1548,10 +1569,32 @@ def save_trained_parts(model: LatentCommModel, run: LatentRun, output_dir: str, 
     run.student_tokenizer.save_pretrained(os.path.join(output_dir, STUDENT_DIR))
     latent_state = {k: v.detach().cpu().contiguous() for k, v in full.items() if k.startswith(LATENT_MODULE_PREFIXES)}
     save_file(latent_state, os.path.join(output_dir, LATENT_MODULES_NAME), metadata={"format": "pt"})
-    save_file(_marker_rows(model.teacher, run.settings, state_dict), os.path.join(output_dir, TEACHER_MARKERS_NAME))
+    if marker_rows is None:
+        marker_rows = _marker_rows(model.teacher, run.settings, state_dict)
+    save_file(marker_rows, os.path.join(output_dir, TEACHER_MARKERS_NAME))
     run.teacher_tokenizer.save_pretrained(os.path.join(output_dir, TEACHER_TOKENIZER_DIR))
     config = {**run.config, "versions": library_versions()}
     Path(output_dir, LATENT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def _gather_zero3_trained_parts(model: LatentCommModel) -> tuple[dict | None, dict | None]:
+    """Under ZeRO-3, gather everything but the teacher (one parameter at a time) and the teacher's marker
+    rows onto rank 0. Every rank must call it; other ranks get `(None, None)`."""
+    import deepspeed
+    import torch.distributed as dist
+
+    on_rank0 = dist.get_rank() == 0
+    state = {}
+    for name, param in model.named_parameters():
+        if name.startswith("teacher."):
+            continue
+        with deepspeed.zero.GatheredParameters([param]):
+            if on_rank0:
+                state[name] = param.detach().cpu().clone()
+    embeddings = [model.teacher.get_input_embeddings().weight, model.teacher.get_output_embeddings().weight]
+    with deepspeed.zero.GatheredParameters(embeddings):
+        markers = _marker_rows(model.teacher, model.settings, None) if on_rank0 else None
+    return (state, markers) if on_rank0 else (None, None)
 
 
 def _read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
