@@ -103,6 +103,11 @@ class LatentCommError(Exception):
     """A problem with the user's input or flags: reported as one line, without a traceback."""
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 # ----------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------
@@ -286,7 +291,7 @@ def _load_config_file(path: str) -> dict[str, Any]:
         text = Path(path).read_text()
         config = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as err:
-        raise LatentCommError(f"cannot read config file {path}: {err}") from None
+        raise LatentCommError(f"cannot read config file {path}: {_first_line(err)}") from None
     if not isinstance(config, dict):
         raise LatentCommError(f"config file {path} must hold a mapping of flag names to values")
     return config
@@ -857,7 +862,7 @@ def load_head_checkpoint(head: HiddenStateHead, path: str) -> None:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise LatentCommError(
-                f"cannot read --hidden_head_ckpt {path} as a weights-only torch file: {err}"
+                f"cannot read --hidden_head_ckpt {path} as a weights-only torch file: {_first_line(err)}"
             ) from None
         if not isinstance(raw, dict):
             raise LatentCommError(f"--hidden_head_ckpt {path} must hold a dict of state dicts")
@@ -1715,8 +1720,12 @@ def build_tokenizers(model_args: ModelArguments, data_args: DataArguments):
         )
     except Exception as err:
         raise LatentCommError(
-            f"cannot load the teacher tokenizer from {model_args.teacher_model_name_or_path}: {err}"
+            f"cannot load the teacher tokenizer from {model_args.teacher_model_name_or_path}: {_first_line(err)}"
         ) from None
+    if not teacher_tokenizer("plan", add_special_tokens=False)["input_ids"]:
+        raise LatentCommError(
+            f"the teacher tokenizer at {model_args.teacher_model_name_or_path} is empty: does it have tokenizer files?"
+        )
     vocab = teacher_tokenizer.get_vocab()
     new_markers = [m for m in (BOP_TOKEN, EOP_TOKEN) if m not in vocab]
     # add_tokens(special_tokens=True) keeps the tokenizer's other special tokens (add_special_tokens would not).
@@ -1730,6 +1739,9 @@ def build_tokenizers(model_args: ModelArguments, data_args: DataArguments):
         student_tokenizer = AutoTokenizer.from_pretrained(
             model_args.student_model_name_or_path, trust_remote_code=remote
         )
+        # transformers 5 builds an empty tokenizer from a model directory without tokenizer files.
+        if not student_tokenizer("plan", add_special_tokens=False)["input_ids"]:
+            raise ValueError("empty tokenizer")
     except Exception:
         logger.warning("No tokenizer at %s: the student uses the teacher's.", model_args.student_model_name_or_path)
         student_tokenizer = AutoTokenizer.from_pretrained(
@@ -1763,7 +1775,7 @@ def build_datasets(model_args, data_args, latent_args, training_args, teacher_to
         )
     except Exception as err:
         raise LatentCommError(
-            f"cannot read the teacher config of {model_args.teacher_model_name_or_path}: {err}"
+            f"cannot read the teacher config of {model_args.teacher_model_name_or_path}: {_first_line(err)}"
         ) from None
     hidden_size = _hidden_size(teacher_config)
 
@@ -2208,7 +2220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.info("Demo assets written to %s.", Path(assets["data"]).parent)
         trainer = run_training(model_args, data_args, latent_args, training_args)
     except LatentCommError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr, flush=True)  # always one line
         return 2
     if training_args.process_index == 0:
         print_summary(trainer, training_args.output_dir, time.time() - start)

@@ -881,3 +881,29 @@ def test_main_in_process_validation_errors(case, base_data, broken_models, tmp_p
 def test_main_in_process_unreadable_hidden_repo(assets, broken_models, tmp_path, capsys):
     rc = tlc.main(_argv(broken_models, assets["data"], str(tmp_path / "no_such_dataset"), str(tmp_path / "out")))
     _assert_one_line_error(rc, capsys.readouterr().err)
+
+
+def test_student_without_tokenizer_uses_the_teachers(assets, tmp_path):
+    import shutil
+
+    student_dir = tmp_path / "student"
+    shutil.copytree(assets["student"], student_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (student_dir / name).unlink(missing_ok=True)
+    teacher_tok, student_tok, _ = tlc.build_tokenizers(
+        tlc.ModelArguments(assets["teacher"], str(student_dir)), tlc.DataArguments()
+    )
+    assert "<bop>" in teacher_tok.get_vocab() and "<bop>" not in student_tok.get_vocab()
+    text = "Please generate a concise plan to solve this task:\nput a mug in coffeemachine 1"
+    assert student_tok(text)["input_ids"] == tlc.AutoTokenizer.from_pretrained(assets["teacher"])(text)["input_ids"]
+
+
+def test_teacher_without_tokenizer_files_is_a_clear_error(assets, tmp_path):
+    import shutil
+
+    teacher_dir = tmp_path / "teacher"
+    shutil.copytree(assets["teacher"], teacher_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (teacher_dir / name).unlink(missing_ok=True)
+    with pytest.raises(tlc.LatentCommError, match="teacher tokenizer"):
+        tlc.build_tokenizers(tlc.ModelArguments(str(teacher_dir), assets["student"]), tlc.DataArguments())
