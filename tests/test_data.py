@@ -907,3 +907,28 @@ def test_teacher_without_tokenizer_files_is_a_clear_error(assets, tmp_path):
         (teacher_dir / name).unlink(missing_ok=True)
     with pytest.raises(tlc.LatentCommError, match="teacher tokenizer"):
         tlc.build_tokenizers(tlc.ModelArguments(str(teacher_dir), assets["student"]), tlc.DataArguments())
+
+
+@pytest.mark.parametrize("storage", ["array2d_float16", "nested_lists_float64"])
+def test_hidden_state_storage_formats_read_as_float32(tmp_path, storage):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    states = [rng.standard_normal((3, 8)), rng.standard_normal((3, 8))]
+    if storage == "array2d_float16":
+        features = datasets.Features(
+            {"task_id": datasets.Value("string"), "hidden_state": datasets.Array2D((3, 8), "float16")}
+        )
+        data = {"task_id": ["a", "b"], "hidden_state": [s.astype(np.float16) for s in states]}
+        expected = [s.astype(np.float16).astype(np.float32) for s in states]
+    else:
+        features = None
+        data = {"task_id": ["a", "b"], "hidden_state": [s.tolist() for s in states]}
+        expected = [s.astype(np.float32) for s in states]
+    datasets.Dataset.from_dict(data, features=features).save_to_disk(str(tmp_path / "h"))
+    store = tlc.HiddenStateStore(str(tmp_path / "h"))
+    for key, want in zip(("a", "b"), expected):
+        got = store.read(store.row_of[key])
+        assert got.dtype == np.float32 and got.shape == (3, 8)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_allclose(store.latent_rows(store.row_of[key], 5), want[[0, 1, 2, 0, 1]], rtol=1e-6)

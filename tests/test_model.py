@@ -450,3 +450,48 @@ def test_head_checkpoint_refuses_pickled_code(tmp_path):
     torch.save({"pre_ln": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(tlc.LatentCommError, match="weights-only"):
         tlc.load_head_checkpoint(tlc.HiddenStateHead(64, 8, 0.1), str(tmp_path / "evil.pt"))
+
+
+def test_vocabulary_head_only_sees_needed_rows(tiny_model, batch):
+    """No [B, T, V] logits: the teacher's head only ever gets 2-D blocks of target rows."""
+    model = tiny_model.train()
+    shapes = []
+    handle = model.teacher.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    out = model(**batch)
+    out["loss"].backward()
+    handle.remove()
+    n_targets = int(out["n_targets"])
+    # Entropies of D and B at window rows, CE rows of A, KL rows of A and D (and their recomputation in
+    # backward): 2-D blocks of at most the batch's targets, never a full sequence.
+    assert shapes and all(len(s) == 2 for s in shapes)
+    assert max(s[0] for s in shapes) <= n_targets < batch["input_ids"].numel()
+
+
+def test_attention_choice_and_override():
+    assert tlc.choose_attn_implementation(None) == "sdpa"  # no CUDA here
+    assert tlc.choose_attn_implementation("eager") == "eager"
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_trust_remote_code_reaches_every_load_only_when_asked(assets, monkeypatch, flag):
+    import transformers
+
+    seen = []
+
+    def spy(cls_method):
+        def wrapped(*args, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return cls_method(*args, **kwargs)
+
+        return wrapped
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoConfig, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", spy(cls.from_pretrained))
+    model_args = tlc.ModelArguments(assets["teacher"], assets["student"], trust_remote_code=flag)
+    data_args = tlc.DataArguments(data_path=assets["data"], hf_hidden_repo=assets["hidden_states"], eval_ratio=0)
+    latent_args = tlc.LatentArguments(K=4, head_num_heads=4)
+    training_args = tlc.TrainingArguments("/tmp/x")
+    teacher_tok, student_tok, new_ids = tlc.build_tokenizers(model_args, data_args)
+    tlc.build_datasets(model_args, data_args, latent_args, training_args, teacher_tok, student_tok)
+    tlc.build_models(model_args, latent_args, training_args, teacher_tok, new_ids)
+    assert len(seen) >= 5 and all(value is flag for value in seen)
