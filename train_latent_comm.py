@@ -599,9 +599,13 @@ def _chat_messages(messages: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
 
 
 def _render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
-        _chat_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            _chat_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as err:  # jinja2 errors, or the template's own raise_exception(...)
+        # A per-record problem (e.g. a template that rejects a conversation opening with an assistant turn).
+        raise ValueError(f"the chat template fails on it ({type(err).__name__})") from None
 
 
 def teacher_pieces(conv: Conversation, tokenizer, fmt: str) -> tuple[list[tuple[str, bool]], int]:

@@ -932,3 +932,17 @@ def test_hidden_state_storage_formats_read_as_float32(tmp_path, storage):
         assert got.dtype == np.float32 and got.shape == (3, 8)
         np.testing.assert_allclose(got, want, rtol=1e-6)
         np.testing.assert_allclose(store.latent_rows(store.row_of[key], 5), want[[0, 1, 2, 0, 1]], rtol=1e-6)
+
+
+def test_chat_template_failure_is_a_per_record_problem(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    strict = AutoTokenizer.from_pretrained(assets["teacher"])
+    # A template that, like some real ones, refuses conversations that do not open with a user or system turn.
+    strict.chat_template = (
+        "{% if messages and messages[0]['role'] == 'assistant' %}{{ raise_exception('must start with user') }}"
+        "{% endif %}" + tlc.CHATML_TEMPLATE
+    )
+    conv = _conversation(("gpt", "Hello."), ("human", "Go."), ("gpt", "OK"), record_id="opens-with-assistant")
+    with pytest.raises(ValueError, match="chat template"):
+        tlc.encode_conversation(conv, 0, strict, strict, tlc.DataArguments(conversation_format="chat"), 4)
