@@ -588,10 +588,17 @@ class EncodedSample:
 
     record_id: str
     hidden_row: int
-    input_ids: np.ndarray  # [T] teacher tokens (without the block)
-    labels: np.ndarray  # [T] teacher token ids on supervised positions, IGNORE_INDEX elsewhere
+    input_ids: np.ndarray  # [T] int32 teacher tokens (without the block)
+    supervised: np.ndarray  # [T] bool: positions whose token is a CE target
     insert_pos: int
-    student_input_ids: np.ndarray  # [S]
+    student_input_ids: np.ndarray  # [S] int32
+
+    # int32 ids and a bool mask: 5 bytes a token instead of 16 for int64 ids and labels, for datasets that
+    # are kept in memory once tokenized.
+    @property
+    def labels(self) -> np.ndarray:
+        """`[T]` int64: the token id on supervised positions, IGNORE_INDEX elsewhere."""
+        return np.where(self.supervised, self.input_ids, IGNORE_INDEX).astype(np.int64)
 
 
 def _chat_messages(messages: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
@@ -697,10 +704,10 @@ def encode_conversation(
     return EncodedSample(
         record_id=conv.id,
         hidden_row=hidden_row,
-        input_ids=np.asarray(input_ids, dtype=np.int64),
-        labels=np.asarray(labels, dtype=np.int64),
+        input_ids=np.asarray(input_ids, dtype=np.int32),
+        supervised=np.asarray(labels, dtype=np.int64) != IGNORE_INDEX,
         insert_pos=insert_pos,
-        student_input_ids=np.asarray(student_ids, dtype=np.int64),
+        student_input_ids=np.asarray(student_ids, dtype=np.int32),
     )
 
 
@@ -743,10 +750,10 @@ class LatentCommDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         return {
-            "input_ids": torch.from_numpy(sample.input_ids),
+            "input_ids": torch.from_numpy(sample.input_ids).long(),
             "labels": torch.from_numpy(sample.labels),
             "insert_pos": sample.insert_pos,
-            "student_input_ids": torch.from_numpy(sample.student_input_ids),
+            "student_input_ids": torch.from_numpy(sample.student_input_ids).long(),
             "data_latents": torch.from_numpy(self.store.latent_rows(sample.hidden_row, self.K)),
         }
 

@@ -163,7 +163,7 @@ def test_plain_rendering_exact_tokens_labels_and_insert_pos(tokenizer, student_t
     supervised = sample.labels[sample.labels != IGNORE]
     assert _decode(tokenizer, supervised) == MULTI_TURN[2][1] + MULTI_TURN[4][1]
     assert (sample.input_ids[sample.labels != IGNORE] == supervised).all()
-    assert sample.input_ids.dtype == np.int64 and sample.labels.dtype == np.int64
+    assert sample.input_ids.dtype == np.int32 and sample.labels.dtype == np.int64  # compact storage
 
 
 def test_plain_insert_pos_without_system_message(tokenizer, student_tokenizer):
