@@ -169,6 +169,10 @@ class DataArguments:
         default=1024,
         metadata={"help": "Maximum student prompt length; the conversation part is cut from its start."},
     )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Processes that tokenize the conversations (default: one; helps for large chat datasets)."},
+    )
     eval_ratio: float = field(
         default=0.05,
         metadata={"help": "Share of records held out for evaluation (0 disables evaluation and early stopping)."},
@@ -711,17 +715,44 @@ def encode_conversation(
     )
 
 
+# Set before forking workers, read by them: the tokenizers are inherited rather than pickled per task.
+_ENCODE_CONTEXT: tuple | None = None
+
+
+def _encode_one(item: tuple[Conversation, int]) -> EncodedSample | tuple[str, str]:
+    conv, hidden_row = item
+    teacher_tokenizer, student_tokenizer, data_args, K = _ENCODE_CONTEXT
+    try:
+        return encode_conversation(conv, hidden_row, teacher_tokenizer, student_tokenizer, data_args, K)
+    except ValueError as err:
+        return conv.id, str(err)
+
+
 def encode_conversations(conversations, store, teacher_tokenizer, student_tokenizer, data_args, K, problems):
+    """Tokenize every conversation once, in `--preprocessing_num_workers` processes when asked."""
+    global _ENCODE_CONTEXT
     from tqdm.auto import tqdm
 
+    _ENCODE_CONTEXT = (teacher_tokenizer, student_tokenizer, data_args, K)
+    items = [(conv, store.row_of[conv.id]) for conv in conversations]
+    workers = min(data_args.preprocessing_num_workers or 1, max(len(items) // 64, 1))
+    progress = dict(desc="Tokenizing", total=len(items), disable=len(items) < 1000)
+    try:
+        if workers > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                results = list(tqdm(pool.imap(_encode_one, items, chunksize=64), **progress))
+        else:
+            results = [_encode_one(item) for item in tqdm(items, **progress)]
+    finally:
+        _ENCODE_CONTEXT = None
     samples = []
-    for conv in tqdm(conversations, desc="Tokenizing", disable=len(conversations) < 1000):
-        try:
-            samples.append(
-                encode_conversation(conv, store.row_of[conv.id], teacher_tokenizer, student_tokenizer, data_args, K)
-            )
-        except ValueError as err:
-            problems.add(f"is unusable: {err}", conv.id)
+    for result in results:
+        if isinstance(result, EncodedSample):
+            samples.append(result)
+        else:
+            problems.add(f"is unusable: {result[1]}", result[0])
     return samples
 
 

@@ -946,3 +946,27 @@ def test_chat_template_failure_is_a_per_record_problem(assets, tmp_path):
     conv = _conversation(("gpt", "Hello."), ("human", "Go."), ("gpt", "OK"), record_id="opens-with-assistant")
     with pytest.raises(ValueError, match="chat template"):
         tlc.encode_conversation(conv, 0, strict, strict, tlc.DataArguments(conversation_format="chat"), 4)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_parallel_tokenization_equals_serial(assets, tokenizer, fmt):
+    from types import SimpleNamespace
+
+    records = json.loads(Path(assets["data"]).read_text())
+    many = [{**copy.deepcopy(r), "id": f"{r['id']}-{i}"} for i in range(20) for r in records]  # 240 records
+    many[7]["conversations"][0]["value"] = "word " * 400  # unusable at this length: a problem in both runs
+    conversations = tlc.parse_conversations(many, tlc.ProblemLog())
+    store = SimpleNamespace(row_of={c.id: i for i, c in enumerate(conversations)})
+    results = {}
+    for workers in (None, 3):
+        data_args = tlc.DataArguments(conversation_format=fmt, model_max_length=300, preprocessing_num_workers=workers)
+        problems = tlc.ProblemLog()
+        samples = tlc.encode_conversations(conversations, store, tokenizer, tokenizer, data_args, 8, problems)
+        results[workers] = (samples, problems.by_kind)
+    (serial, serial_problems), (parallel, parallel_problems) = results[None], results[3]
+    assert serial_problems == parallel_problems and many[7]["id"] in str(serial_problems)
+    assert len(serial) == len(parallel) == len(conversations) - 1
+    for a, b in zip(serial, parallel):
+        assert (a.record_id, a.hidden_row, a.insert_pos) == (b.record_id, b.hidden_row, b.insert_pos)
+        assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
+        assert a.student_input_ids.tolist() == b.student_input_ids.tolist()
