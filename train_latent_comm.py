@@ -1424,17 +1424,15 @@ class LatentCommTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = model(**inputs, num_items_in_batch=num_items_in_batch)
         cfg = self.latent_run.settings
+        steps = max(self.current_gradient_accumulation_steps, 1) if model.training else 1
+        ce = out["ce_for_loss"]  # over num_items_in_batch (the whole accumulated batch) when given
         if model.training and num_items_in_batch is not None:
-            ce = out["ce_for_loss"]
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 # num_items_in_batch counts every device's tokens; DDP averages gradients over devices.
                 ce = ce * self.args.world_size
-            others = (cfg.kl_weight * out["kl"] + cfg.align_weight * out["align"]) / max(
-                self.current_gradient_accumulation_steps, 1
-            )
-            loss = cfg.ce_weight * ce + others
         else:
-            loss = out["loss"] / (max(self.current_gradient_accumulation_steps, 1) if model.training else 1)
+            ce = ce / steps
+        loss = cfg.ce_weight * ce + (cfg.kl_weight * out["kl"] + cfg.align_weight * out["align"]) / steps
         if model.training:
             for name in TRAIN_TERMS:
                 value = out[name].detach().float()
@@ -1580,19 +1578,16 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _marker_rows(teacher: nn.Module, settings: LatentSettings, state_dict: dict | None) -> dict[str, torch.Tensor]:
-    """The teacher's embedding rows of `<bop>` and `<eop>` (and their output rows when untied)."""
+def _marker_rows(teacher: nn.Module, settings: LatentSettings) -> dict[str, torch.Tensor]:
+    """The teacher's embedding rows of `<bop>` and `<eop>` (and their output rows when untied). The teacher
+    is frozen, so its live parameters are the ones to save (under ZeRO-3 the caller gathers them)."""
     ids = [settings.bop_id, settings.eop_id]
     rows = {}
     named = {"input": teacher.get_input_embeddings(), "output": teacher.get_output_embeddings()}
     for kind, module in named.items():
         if module is None or (kind == "output" and module.weight is named["input"].weight):
             continue
-        weight = module.weight
-        if state_dict is not None:
-            key = next((k for k, v in teacher.named_parameters() if v is weight), None)
-            weight = state_dict.get(f"teacher.{key}", weight)
-        rows[kind] = weight[ids].detach().float().cpu().contiguous()
+        rows[kind] = module.weight[ids].detach().float().cpu().contiguous()
     return rows
 
 
@@ -1617,7 +1612,7 @@ def save_trained_parts(
     latent_state = {k: v.detach().cpu().contiguous() for k, v in full.items() if k.startswith(LATENT_MODULE_PREFIXES)}
     save_file(latent_state, os.path.join(output_dir, LATENT_MODULES_NAME), metadata={"format": "pt"})
     if marker_rows is None:
-        marker_rows = _marker_rows(model.teacher, run.settings, state_dict)
+        marker_rows = _marker_rows(model.teacher, run.settings)
     save_file(marker_rows, os.path.join(output_dir, TEACHER_MARKERS_NAME))
     run.teacher_tokenizer.save_pretrained(os.path.join(output_dir, TEACHER_TOKENIZER_DIR))
     config = {**run.config, "versions": library_versions()}
@@ -1640,7 +1635,7 @@ def _gather_zero3_trained_parts(model: LatentCommModel) -> tuple[dict | None, di
                 state[name] = param.detach().cpu().clone()
     embeddings = [model.teacher.get_input_embeddings().weight, model.teacher.get_output_embeddings().weight]
     with deepspeed.zero.GatheredParameters(embeddings):
-        markers = _marker_rows(model.teacher, model.settings, None) if on_rank0 else None
+        markers = _marker_rows(model.teacher, model.settings) if on_rank0 else None
     return (state, markers) if on_rank0 else (None, None)
 
 
