@@ -2195,8 +2195,9 @@ def print_summary(trainer: LatentCommTrainer, output_dir: str, elapsed: float) -
     print("\n".join(lines), flush=True)
 
 
-def run_training(model_args, data_args, latent_args, training_args) -> LatentCommTrainer:
-    """Build everything, train, evaluate and save; returns the trainer."""
+def run_training(model_args, data_args, latent_args, training_args, callbacks=None) -> LatentCommTrainer:
+    """Build everything, train, evaluate and save; returns the trainer. `callbacks` (TrainerCallback
+    instances) are added to the Trainer's own, for scripts that import this one."""
     teacher_tokenizer, student_tokenizer, new_marker_ids = build_tokenizers(model_args, data_args)
     train_dataset, eval_dataset, collator = build_datasets(
         model_args, data_args, latent_args, training_args, teacher_tokenizer, student_tokenizer
@@ -2212,7 +2213,7 @@ def run_training(model_args, data_args, latent_args, training_args) -> LatentCom
     if training_args.process_index == 0:
         write_run_args(training_args.output_dir, model_args, data_args, latent_args, training_args)
 
-    callbacks = []
+    callbacks = list(callbacks or [])
     if eval_dataset is not None and training_args.early_stopping_patience > 0:
         if training_args.load_best_model_at_end:
             callbacks.append(
