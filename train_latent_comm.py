@@ -252,6 +252,13 @@ class LatentTrainingArguments(TrainingArguments):
     early_stopping_threshold: float = field(
         default=0.0, metadata={"help": "Minimum eval_loss improvement that resets the patience."}
     )
+    report: bool = field(
+        default=False,
+        metadata={
+            "help": "After the final evaluation, write latent_report.json/.md/.png into output_dir: teacher CE and "
+            "accuracy without latent, with the data, student, cross-task and noise latents (evaluate_latent.py)."
+        },
+    )
 
     def __post_init__(self):
         if self.label_names is None:
@@ -2239,6 +2246,12 @@ def run_training(model_args, data_args, latent_args, training_args, callbacks=No
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if training_args.report:
+        trainer.accelerator.wait_for_everyone()
+        if training_args.process_index == 0:
+            import evaluate_latent  # lazily: matplotlib is needed for the report only
+
+            evaluate_latent.report_from_trainer(trainer)
     return trainer
 
 
