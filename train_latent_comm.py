@@ -69,6 +69,7 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -221,6 +222,13 @@ class LatentArguments:
             "choices": ["uncertainty", "uniform"],
         },
     )
+    logit_chunk_rows: int = field(
+        default=0,
+        metadata={
+            "help": "Rows of vocabulary logits computed at once (0: as many as fit in 2**26 logits, e.g. 443 for "
+            "a 151k vocabulary). Smaller saves memory, larger saves kernel launches."
+        },
+    )
 
 
 @dataclass
@@ -259,10 +267,19 @@ class LatentTrainingArguments(TrainingArguments):
             "accuracy without latent, with the data, student, cross-task and noise latents (evaluate_latent.py)."
         },
     )
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Batch training samples of similar length to cut padding (the same as "
+            "--train_sampling_strategy group_by_length); lengths come from the tokenized samples."
+        },
+    )
 
     def __post_init__(self):
         if self.label_names is None:
             self.label_names = ["labels"]
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
         super().__post_init__()
 
 
@@ -376,6 +393,8 @@ def validate_args(data_args: DataArguments, latent_args: LatentArguments, traini
         problems.append("--head_dropout must be in [0, 1)")
     if latent_args.head_num_heads < 1:
         problems.append("--head_num_heads must be at least 1")
+    if latent_args.logit_chunk_rows < 0:
+        problems.append("--logit_chunk_rows must be 0 (automatic) or positive")
     if training_args.bf16 and training_args.fp16:
         problems.append("--bf16 and --fp16 are mutually exclusive")
     if problems:
@@ -426,7 +445,7 @@ class ProblemLog:
 def load_records(path: str) -> list[Any]:
     """Read a JSON array or a JSON Lines file of records."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # also reads files that start with a byte order mark
     except (OSError, UnicodeDecodeError) as err:
         raise LatentCommError(f"cannot read --data_path {path}: {err}") from None
     stripped = text.lstrip()
@@ -436,9 +455,12 @@ def load_records(path: str) -> list[Any]:
         if stripped.startswith("["):
             records = json.loads(text)
         else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            # Only "\n" ends a JSON Lines record: str.splitlines() also splits at U+2028, U+0085, ... inside strings.
+            records = [json.loads(line) for line in text.split("\n") if line.strip()]
     except json.JSONDecodeError as err:
         raise LatentCommError(f"--data_path {path} is neither a JSON array nor JSON Lines: {err}") from None
+    except (ValueError, RecursionError) as err:  # an integer over Python's 4300-digit limit; nesting too deep
+        raise LatentCommError(f"--data_path {path} holds JSON that cannot be read: {_first_line(err)}") from None
     if not isinstance(records, list):
         raise LatentCommError(f"--data_path {path} must hold a list of records")
     return records
@@ -475,6 +497,12 @@ def parse_conversations(records: list[Any], problems: ProblemLog) -> list[Conver
             role = ROLE_ALIASES.get(turn["from"].strip().lower())
             if role is None:
                 problems.add(f"has unknown role {turn['from']!r}", record_id)
+                ok = False
+                break
+            try:
+                turn["value"].encode("utf-8")  # JSON escapes can make lone surrogates, which tokenizers reject
+            except UnicodeEncodeError:
+                problems.add("has a message that is not valid Unicode text (a lone surrogate such as \\ud800)", record_id)
                 ok = False
                 break
             messages.append((role, turn["value"]))
@@ -538,6 +566,8 @@ class HiddenStateStore:
         self.row_of: dict[str, int] = {}
         self.duplicate_keys: set[str] = set()
         for row, value in enumerate(dataset.select_columns([key])[key]):
+            if value is None:  # a null key names no record (str() would make it match the id "None")
+                continue
             value = str(value)
             if value in self.row_of:
                 self.duplicate_keys.add(value)
@@ -785,6 +815,11 @@ class LatentCommDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Teacher tokens per sample (the teacher's runs dominate the cost), for length-grouped sampling."""
+        return [len(sample.input_ids) for sample in self.samples]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         return {
@@ -1016,10 +1051,28 @@ def alignment_loss(student_latents: torch.Tensor, data_latents: torch.Tensor) ->
     return alignment_per_sample(student_latents, data_latents).mean()
 
 
-def _rows_per_chunk(lm_head: nn.Module) -> int:
+def rows_per_chunk(lm_head: nn.Module, chunk_rows: int = 0) -> int:
+    """Rows of `[rows, V]` logits computed at once: `chunk_rows` when set, else LOGIT_CHUNK_ELEMENTS // V."""
+    if chunk_rows > 0:
+        return chunk_rows
     # out_features, not weight.shape: under ZeRO-3 the local weight is an empty partition.
     vocab_size = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
     return max(1, LOGIT_CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def chunk_counts_across_ranks(lm_head: nn.Module, row_counts: Sequence[int], step: int) -> list[int]:
+    """Chunks needed for each of `row_counts`, raised to the largest over all ranks under ZeRO-3.
+
+    ZeRO-3 gathers the (partitioned) `lm_head` weight with a collective at every call, so all ranks must
+    call it equally often or the job hangs: a rank with fewer target rows runs empty chunks. Elsewhere
+    this is just `ceil(rows / step)`.
+    """
+    counts = [-(-n // step) for n in row_counts]
+    if hasattr(lm_head.weight, "ds_id") and torch.distributed.is_initialized():
+        counts_t = torch.tensor(counts, device=lm_head.weight.device)
+        torch.distributed.all_reduce(counts_t, op=torch.distributed.ReduceOp.MAX)
+        counts = counts_t.tolist()
+    return counts
 
 
 def _maybe_checkpoint(fn, *tensors):
@@ -1030,33 +1083,43 @@ def _maybe_checkpoint(fn, *tensors):
     return fn(*tensors)
 
 
-def chunked_nll(hidden_rows: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    """`-log p(target)` `[N]` at rows `[N, H]`, computing `[chunk, V]` logits at a time."""
-    step = _rows_per_chunk(lm_head)
+def _chunks(n_rows: int, step: int, n_chunks: int) -> list[slice]:
+    """`max(n_chunks, ceil(n_rows / step))` slices of `step` rows; those past `n_rows` are empty."""
+    return [slice(i * step, (i + 1) * step) for i in range(max(n_chunks, -(-n_rows // step)))]
+
+
+def chunked_nll(
+    hidden_rows: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, step: int = 0, n_chunks: int = 0
+) -> torch.Tensor:
+    """`-log p(target)` `[N]` at rows `[N, H]`, computing `[step, V]` logits at a time (`step` 0: automatic),
+    in at least `n_chunks` calls of `lm_head`."""
+    step = rows_per_chunk(lm_head, step)
 
     def nll(rows, tgt):
         return F.cross_entropy(lm_head(rows).float(), tgt, reduction="none")
 
-    parts = [
-        _maybe_checkpoint(nll, hidden_rows[i : i + step], targets[i : i + step])
-        for i in range(0, hidden_rows.shape[0], step)
-    ]
+    parts = [_maybe_checkpoint(nll, hidden_rows[c], targets[c]) for c in _chunks(len(hidden_rows), step, n_chunks)]
     return torch.cat(parts) if parts else hidden_rows.new_zeros(0, dtype=torch.float32)
 
 
-def chunked_entropy(hidden_rows: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+def chunked_entropy(hidden_rows: torch.Tensor, lm_head: nn.Module, step: int = 0, n_chunks: int = 0) -> torch.Tensor:
     """Entropy `[N]` of the next-token distribution at each row (no gradient)."""
-    step = _rows_per_chunk(lm_head)
+    step = rows_per_chunk(lm_head, step)
     with torch.no_grad():
-        parts = [entropy_from_logits(lm_head(hidden_rows[i : i + step])) for i in range(0, hidden_rows.shape[0], step)]
+        parts = [entropy_from_logits(lm_head(hidden_rows[c])) for c in _chunks(len(hidden_rows), step, n_chunks)]
     return torch.cat(parts) if parts else hidden_rows.new_zeros(0, dtype=torch.float32)
 
 
 def chunked_kl(
-    hidden_rows: torch.Tensor, target_rows: torch.Tensor, lm_head: nn.Module, temperature: float
+    hidden_rows: torch.Tensor,
+    target_rows: torch.Tensor,
+    lm_head: nn.Module,
+    temperature: float,
+    step: int = 0,
+    n_chunks: int = 0,
 ) -> torch.Tensor:
     """`kl_per_token` `[N]` between the distributions at `target_rows` (no gradient) and `hidden_rows`."""
-    step = _rows_per_chunk(lm_head)
+    step = rows_per_chunk(lm_head, step)
 
     def kl(rows, target):
         with torch.no_grad():
@@ -1064,8 +1127,7 @@ def chunked_kl(
         return kl_per_token(target_logits, lm_head(rows), temperature)
 
     parts = [
-        _maybe_checkpoint(kl, hidden_rows[i : i + step], target_rows[i : i + step])
-        for i in range(0, hidden_rows.shape[0], step)
+        _maybe_checkpoint(kl, hidden_rows[c], target_rows[c]) for c in _chunks(len(hidden_rows), step, n_chunks)
     ]
     return torch.cat(parts) if parts else hidden_rows.new_zeros(0, dtype=torch.float32)
 
@@ -1146,6 +1208,7 @@ class LatentSettings:
     kl_temperature: float = 4.0
     uncertainty_quantile: float = 0.95
     kl_weighting: str = "uncertainty"
+    logit_chunk_rows: int = 0  # 0: LOGIT_CHUNK_ELEMENTS // vocabulary size
 
 
 class LatentCommModel(nn.Module):
@@ -1332,6 +1395,10 @@ class LatentCommModel(nn.Module):
         tb, tt = target_mask.nonzero(as_tuple=True)
         wb, wt = window.nonzero(as_tuple=True)
         targets = labels[tb, tt]
+        step = rows_per_chunk(lm_head, cfg.logit_chunk_rows)
+        n_window_chunks, n_target_chunks = chunk_counts_across_ranks(lm_head, [len(wb), len(tb)], step)
+        window_chunks = dict(step=step, n_chunks=n_window_chunks)
+        target_chunks = dict(step=step, n_chunks=n_target_chunks)
 
         za = self.project_student_latents(self.student_latents(student_input_ids, student_attention_mask))
         zd = self.project_data_latents(data_latents)
@@ -1342,20 +1409,22 @@ class LatentCommModel(nn.Module):
         with torch.no_grad():
             hidden_d = self.teacher_hidden(input_ids, attention_mask, insert_pos, zd)
             rows_d = hidden_d[wb, spliced_pred[wb, wt]]  # [Nw, Ht]
-            entropy_d = chunked_entropy(rows_d, lm_head)
+            entropy_d = chunked_entropy(rows_d, lm_head, **window_chunks)
             if not self.training:
-                nll["data_latent"] = chunked_nll(hidden_d[tb, spliced_pred[tb, tt]], targets, lm_head)
+                nll["data_latent"] = chunked_nll(hidden_d[tb, spliced_pred[tb, tt]], targets, lm_head, **target_chunks)
             del hidden_d
             hidden_b = self.teacher_hidden(input_ids, attention_mask)
-            entropy_b = chunked_entropy(hidden_b[wb, wt - 1], lm_head)
+            entropy_b = chunked_entropy(hidden_b[wb, wt - 1], lm_head, **window_chunks)
             if not self.training:
-                nll["no_latent"] = chunked_nll(hidden_b[tb, tt - 1], targets, lm_head)
+                nll["no_latent"] = chunked_nll(hidden_b[tb, tt - 1], targets, lm_head, **target_chunks)
             del hidden_b
 
         hidden_a = self.teacher_hidden(input_ids, attention_mask, insert_pos, za)  # [B, T+K+2, Ht]
-        nll_a = chunked_nll(hidden_a[tb, spliced_pred[tb, tt]], targets, lm_head)  # [N]
+        nll_a = chunked_nll(hidden_a[tb, spliced_pred[tb, tt]], targets, lm_head, **target_chunks)  # [N]
         ce_sum = nll_a.sum()
-        kl_rows = chunked_kl(hidden_a[wb, spliced_pred[wb, wt]], rows_d, lm_head, cfg.kl_temperature)
+        kl_rows = chunked_kl(
+            hidden_a[wb, spliced_pred[wb, wt]], rows_d, lm_head, cfg.kl_temperature, **window_chunks
+        )
         weights = uncertainty_weights(entropy_b, entropy_d, cfg.uncertainty_quantile, cfg.kl_weighting)
         kl = weighted_kl(kl_rows, weights)
         align_per_sample = alignment_per_sample(za, zd)  # [B]
@@ -1455,6 +1524,14 @@ class LatentCommTrainer(Trainer):
             logs.update({name: round(v, 6) for name, v in zip(TRAIN_TERMS, values.tolist())})
             self._train_sums, self._train_count = {}, 0
         super().log(logs, start_time)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, LatentCommDataset):
+            # The Trainer would load every item, data latent included, just to measure its length.
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
 
     # -- evaluation -------------------------------------------------------------------------------------
 
@@ -1922,6 +1999,7 @@ def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_
         kl_temperature=latent_args.kl_temperature,
         uncertainty_quantile=latent_args.uncertainty_quantile,
         kl_weighting=latent_args.kl_weighting,
+        logit_chunk_rows=latent_args.logit_chunk_rows,
     )
     model = LatentCommModel(teacher, student, settings, latent_args.head_num_heads, latent_args.head_dropout)
     if latent_args.hidden_head_ckpt:

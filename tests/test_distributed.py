@@ -19,6 +19,7 @@ LAUNCH_FLAGS = {
     "ddp": ["--ddp_backend", "gloo"],
     "zero2": ["--deepspeed", str(REPO_ROOT / "configs" / "ds_z2.json")],
     "zero3": ["--deepspeed", str(REPO_ROOT / "configs" / "ds_z3.json")],
+    "zero3_offload": ["--deepspeed", str(REPO_ROOT / "configs" / "ds_z3_offload.json")],
 }
 
 
@@ -33,7 +34,7 @@ def torchrun(assets, out, launch, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("launch", list(LAUNCH_FLAGS))
 def test_two_process_run_trains_saves_resumes_and_reloads(assets, tmp_path, launch):
     out = tmp_path / launch
     torchrun(assets, out, launch)
@@ -61,3 +62,103 @@ def test_two_process_run_trains_saves_resumes_and_reloads(assets, tmp_path, laun
     for key in first:
         torch.testing.assert_close(first[key], second[key], atol=1e-5, rtol=1e-4)
     assert Path(resumed, "student", "model.safetensors").is_file()
+
+
+def _trained_weights(out):
+    weights = load_file(str(out / "latent_modules.safetensors"))
+    weights.update({f"student.{k}": v for k, v in load_file(str(out / "student" / "model.safetensors")).items()})
+    return weights
+
+
+@pytest.mark.slow
+def test_ddp_first_step_equals_one_process_over_the_same_global_batch(assets, tmp_path):
+    """2 processes x batch 2 == 1 process x 2 accumulated micro-batches of 2: the same 4 records, the same
+    loss terms (CE over the tokens of all 4, KL and Align averaged over the micro-batches, which is what
+    each device computes) and the same AdamW step, clipping included. Dropout is off: the two ranks'
+    random streams cannot match one process's."""
+    flags = ("--max_steps", "1", "--logging_steps", "1", "--eval_ratio", "0", "--save_strategy", "no",
+             "--head_dropout", "0", "--warmup_steps", "0", "--max_grad_norm", "0.5")  # fmt: skip
+    ddp = tmp_path / "ddp"
+    torchrun(assets, ddp, "ddp", *flags)
+    single = tmp_path / "single"
+    command = [sys.executable, SCRIPT, *base_args(assets, single, *flags, "--gradient_accumulation_steps", "2")]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    logs = [json.loads((out / "trainer_state.json").read_text())["log_history"][0] for out in (ddp, single)]
+    for term in ("loss", "ce", "kl", "align"):
+        assert logs[0][term] == pytest.approx(logs[1][term], rel=1e-4, abs=1e-5), term
+    assert logs[1]["kl"] > 0 and logs[1]["align"] > 0  # every term took part
+    before = {**load_file(str(Path(assets["student"], "model.safetensors")))}
+    ddp_weights, single_weights = _trained_weights(ddp), _trained_weights(single)
+    assert ddp_weights.keys() == single_weights.keys()
+    for key in ddp_weights:
+        torch.testing.assert_close(ddp_weights[key], single_weights[key], atol=1e-6, rtol=1e-5, msg=key)
+    moved = [k for k, v in before.items() if not torch.equal(v, ddp_weights[f"student.{k}"])]
+    assert moved, "the step changed no student weight"
+
+
+COUNTING_DRIVER = """
+import json, os, sys
+import torch.distributed as dist
+from transformers import TrainerCallback
+sys.path.insert(0, {repo!r})
+import train_latent_comm as tlc
+
+class CountLmHeadCalls(TrainerCallback):
+    calls = 0
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        lm_head = model.teacher.get_output_embeddings()
+        assert hasattr(lm_head.weight, "ds_id"), "not partitioned by ZeRO-3"
+        def count(module, inputs):
+            CountLmHeadCalls.calls += 1
+        lm_head.register_forward_pre_hook(count)
+    def on_train_end(self, args, state, control, **kwargs):
+        path = os.path.join(args.output_dir, f"lm_head_calls_rank{{dist.get_rank()}}.json")
+        with open(path, "w") as f:
+            json.dump(CountLmHeadCalls.calls, f)
+
+groups = tlc.parse_args(sys.argv[1:])
+tlc.setup_logging(groups[-1])
+tlc.run_training(*groups, callbacks=[CountLmHeadCalls()])
+"""
+
+
+@pytest.mark.slow
+def test_zero3_ranks_with_different_target_counts_call_lm_head_equally_often(assets, tmp_path):
+    """ZeRO-3 gathers the teacher's partitioned lm_head weight with a collective at each call, so a rank
+    that calls it more often than another hangs the job (on GPUs, where weights are released between
+    calls). With one logit row a chunk and records of very different lengths, each rank's number of calls
+    would follow its own target count; they must be equal (forward and backward recomputation)."""
+    records = json.loads(Path(assets["data"]).read_text())
+    for i, record in enumerate(records):
+        if i % 2:  # every other record gets a much longer last reply
+            record["conversations"][-1]["value"] += " Act: look" * (4 + 3 * i)
+    data = tmp_path / "uneven.json"
+    data.write_text(json.dumps(records))
+    driver = tmp_path / "driver.py"
+    driver.write_text(COUNTING_DRIVER.format(repo=str(REPO_ROOT)))
+    out = tmp_path / "uneven"
+    args = base_args(assets, out, "--data_path", str(data), "--eval_ratio", "0", "--max_steps", "3",
+                     "--save_strategy", "no", "--per_device_train_batch_size", "1", "--logit_chunk_rows", "1",
+                     "--deepspeed", str(REPO_ROOT / "configs" / "ds_z3.json"))  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
+    result = subprocess.run([*command, *args], capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    calls = [json.loads((out / f"lm_head_calls_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert calls[0] == calls[1] > 3 * 4, calls
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_passes_local_rank(assets, tmp_path):
+    """The `deepspeed` launcher starts each process with `--local_rank=N`; length-grouped batches too."""
+    out = tmp_path / "launcher"
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29561", SCRIPT,
+        *base_args(assets, out, "--max_steps", "2", "--eval_ratio", "0", "--save_strategy", "no",
+                   "--group_by_length", "--deepspeed", str(REPO_ROOT / "configs" / "ds_z2.json")),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "--local_rank=1" in result.stdout + result.stderr  # the launcher's command line, logged
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
