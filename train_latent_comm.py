@@ -502,7 +502,7 @@ def parse_conversations(records: list[Any], problems: ProblemLog) -> list[Conver
             try:
                 turn["value"].encode("utf-8")  # JSON escapes can make lone surrogates, which tokenizers reject
             except UnicodeEncodeError:
-                problems.add("has a message that is not valid Unicode text (a lone surrogate such as \\ud800)", record_id)
+                problems.add("has a message that is not valid Unicode (a lone surrogate such as \\ud800)", record_id)
                 ok = False
                 break
             messages.append((role, turn["value"]))
