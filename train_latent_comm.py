@@ -46,6 +46,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,9 @@ from transformers import (
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,8 @@ TEACHER_MARKERS_NAME = "teacher_markers.safetensors"
 STUDENT_DIR = "student"
 TEACHER_TOKENIZER_DIR = "teacher_tokenizer"
 RUN_ARGS_NAME = "run_args.json"
+# A checkpoint is written under this prefix and renamed to `checkpoint-N` once complete.
+PARTIAL_CHECKPOINT_PREFIX = ".partial-"
 
 # Vocabulary logits are materialised for at most this many elements at a time (2**26 floats = 256 MiB
 # in float32): with Qwen2.5's 152k vocabulary that is ~440 rows per chunk.
@@ -267,6 +272,13 @@ class LatentTrainingArguments(TrainingArguments):
             "accuracy without latent, with the data, student, cross-task and noise latents (evaluate_latent.py)."
         },
     )
+    skip_nonfinite_batches: int = field(
+        default=0,
+        metadata={
+            "help": "When a loss term is NaN or infinite: skip up to this many such batches with a warning (the "
+            "batch contributes no gradient). At 0, or once they are used up, training stops with a message."
+        },
+    )
     group_by_length: bool = field(
         default=False,
         metadata={
@@ -331,6 +343,10 @@ def parse_args(argv: Sequence[str] | None = None):
     Raises `LatentCommError` for a bad config file, missing required arguments or inconsistent flags.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):  # a bare --resume_from_checkpoint means the newest complete checkpoint
+        if arg == "--resume_from_checkpoint" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            argv.insert(i + 1, "latest")
+            break
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
 
@@ -532,6 +548,12 @@ class HiddenStateStore:
     Host memory holds the id -> row map and nothing that grows with the size of the hidden states.
     """
 
+    # Pages of a memory map that were read stay in the process's RSS until the map is closed: file-backed and
+    # reclaimable, but counted by RSS-based job limits, so iterating 1 GB of latents would show 1 GB more RSS
+    # (more under random access, with the kernel's read-ahead). Reopening the map after this many bytes read
+    # bounds that (tests/benchmark_memory.py measures it).
+    remap_bytes = 64 * 2**20
+
     def __init__(self, source: str):
         import datasets
 
@@ -573,13 +595,32 @@ class HiddenStateStore:
                 self.duplicate_keys.add(value)
             self.row_of[value] = row
         self._latents = dataset.select_columns(["hidden_state"]).with_format("numpy")
+        self._bytes_since_open = 0
+        self._remappable = self._memory_mapped(self._latents.data)
+
+    @staticmethod
+    def _memory_mapped(table) -> bool:
+        """Whether every block of a `datasets` table is a memory map (pickling such a table pickles paths)."""
+        from datasets.table import ConcatenationTable, MemoryMappedTable
+
+        if isinstance(table, ConcatenationTable):
+            return all(HiddenStateStore._memory_mapped(block) for blocks in table.blocks for block in blocks)
+        return isinstance(table, MemoryMappedTable)
 
     def __len__(self) -> int:
         return len(self._latents)
 
     def read(self, row: int) -> np.ndarray:
         """The `[L, H]` float32 hidden state of one row."""
-        return _as_2d_float(self._latents[int(row)]["hidden_state"])
+        hidden = _as_2d_float(self._latents[int(row)]["hidden_state"])
+        self._bytes_since_open += hidden.nbytes
+        if self._remappable and self._bytes_since_open > self.remap_bytes:
+            import pickle
+
+            # Unpickling maps the files afresh (about a millisecond); the old map closes with its last reference.
+            self._latents = pickle.loads(pickle.dumps(self._latents))
+            self._bytes_since_open = 0
+        return hidden
 
     def latent_rows(self, row: int, K: int) -> np.ndarray:
         """The data latent `X` `[K, H]`: the first K rows, repeated in order when the state is shorter."""
@@ -828,6 +869,7 @@ class LatentCommDataset(torch.utils.data.Dataset):
             "insert_pos": sample.insert_pos,
             "student_input_ids": torch.from_numpy(sample.student_input_ids).long(),
             "data_latents": torch.from_numpy(self.store.latent_rows(sample.hidden_row, self.K)),
+            "record_id": sample.record_id,
         }
 
 
@@ -862,6 +904,7 @@ class LatentCommCollator:
             "student_input_ids": student_ids,
             "student_attention_mask": student_mask,
             "data_latents": torch.stack([f["data_latents"] for f in features]),
+            "record_ids": [f.get("record_id", "?") for f in features],  # named in error messages
         }
 
 
@@ -1494,10 +1537,12 @@ class LatentCommTrainer(Trainer):
         self._train_count = 0
         self._eval_sums: torch.Tensor | int = 0
         self._eval_count = 0
+        self._nonfinite_skipped = 0
 
     # -- loss and logging -----------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        record_ids = inputs.pop("record_ids", None)
         out = model(**inputs, num_items_in_batch=num_items_in_batch)
         cfg = self.latent_run.settings
         steps = max(self.current_gradient_accumulation_steps, 1) if model.training else 1
@@ -1510,11 +1555,47 @@ class LatentCommTrainer(Trainer):
             ce = ce / steps
         loss = cfg.ce_weight * ce + (cfg.kl_weight * out["kl"] + cfg.align_weight * out["align"]) / steps
         if model.training:
+            loss = self._guard_nonfinite(out, loss, record_ids)
             for name in TRAIN_TERMS:
                 value = out[name].detach().float()
                 self._train_sums[name] = self._train_sums.get(name, 0) + value
             self._train_count += 1
         return (loss, out) if return_outputs else loss
+
+    def _guard_nonfinite(self, out: dict, loss: torch.Tensor, record_ids: list[str] | None) -> torch.Tensor:
+        """Stop (or, with --skip_nonfinite_batches, skip the batch) when a loss term is NaN or infinite.
+
+        Runs before the backward pass, so the weights are still those of the last good step. All ranks
+        take the same decision: a rank that stopped or skipped alone would leave the others waiting.
+        """
+        values = torch.stack([out[name].detach().float() for name in TRAIN_TERMS])
+        bad = (~torch.isfinite(values)).float()
+        if self.args.world_size > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if not bad.any():
+            return loss
+        from accelerate.utils import gather_object
+
+        ids = gather_object([(record_ids or [], (~torch.isfinite(values)).any().item())])
+        bad_ids = [i for batch_ids, rank_bad in ids for i in batch_ids if rank_bad] or ["unknown"]
+        terms = [name for name, flag in zip(TRAIN_TERMS, bad.tolist()) if flag]
+        where = f"step {self.state.global_step + 1}: non-finite {', '.join(terms)} on the batch of records {bad_ids}"
+        # A batch whose CE is finite is skipped with a zero loss through CE's graph: every trained parameter
+        # gets a zero gradient (DDP and ZeRO stay in step). Without a finite CE the model itself diverged.
+        if "ce" not in terms and self._nonfinite_skipped < self.args.skip_nonfinite_batches:
+            self._nonfinite_skipped += 1
+            logger.warning(
+                "%s; skipped (%d of --skip_nonfinite_batches %d).",
+                where,
+                self._nonfinite_skipped,
+                self.args.skip_nonfinite_batches,
+            )
+            out["kl"], out["align"] = torch.zeros_like(out["kl"]), torch.zeros_like(out["align"])
+            return out["ce_for_loss"] * 0.0
+        last = last_complete_checkpoint(self.args.output_dir)
+        resume = f"the last checkpoint, {last}, is whole" if last else "no checkpoint was written yet"
+        hint = "" if "ce" in terms else " or skip such batches with --skip_nonfinite_batches N"
+        raise LatentCommError(f"{where}; training stopped before updating the weights: {resume}. Fix the data{hint}.")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._train_count:
@@ -1537,6 +1618,7 @@ class LatentCommTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
+        inputs.pop("record_ids", None)
         with torch.no_grad(), self.compute_loss_context_manager():
             out = model(**inputs)
         # gather_for_metrics drops the samples that the sharded loader repeats to even out the last batch.
@@ -1569,6 +1651,68 @@ class LatentCommTrainer(Trainer):
         return output
 
     # -- saving and loading -----------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write `checkpoint-N` whole or not at all: everything goes to `.partial-checkpoint-N` first (the
+        trained parts, latent_config.json, optimizer, scheduler, RNG and Trainer state, from every rank), which
+        is renamed once complete. Resume, `load_best_model_at_end` and rotation only see `checkpoint-*`."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final, staging = os.path.join(run_dir, name), os.path.join(run_dir, PARTIAL_CHECKPOINT_PREFIX + name)
+        self._check_weights_finite()
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(staging, _internal_call=True)
+        best_step = self.state.best_global_step
+        if best_step and self.args.save_strategy != "no":
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
+            if best_step == self.state.global_step or os.path.isdir(best):
+                self.state.best_model_checkpoint = best
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(staging)
+            self._save_scaler(staging)
+            self._save_rng_state(staging)
+        if self.args.should_save:
+            for callback in self.callback_handler.callbacks + [self.control]:
+                if isinstance(callback, ExportableState):
+                    saved = self.state.stateful_callbacks[callback.__class__.__name__]
+                    if isinstance(saved, list):
+                        saved.append(callback.state())
+                    else:
+                        self.state.stateful_callbacks[callback.__class__.__name__] = callback.state()
+            self.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every rank's files are in
+        if self.args.should_save:
+            if os.path.isdir(final):  # the same step saved again: replace it whole
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _check_weights_finite(self) -> None:
+        """Refuse to checkpoint non-finite trained weights (an overflowing update can make them so while
+        every loss term was finite); the previous checkpoint stays the newest."""
+        local = [getattr(p, "ds_tensor", p) for p in self.model.parameters() if p.requires_grad]
+        bad = torch.tensor(float(any(not torch.isfinite(p).all() for p in local)), device=self.args.device)
+        if self.args.world_size > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item():
+            last = last_complete_checkpoint(self.args.output_dir)
+            raise LatentCommError(
+                f"step {self.state.global_step}: the trained weights are non-finite, so no checkpoint was written; "
+                f"the last good one is {last or 'none'}. Lower the learning rate or keep --max_grad_norm on."
+            )
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_deepspeed_enabled:
@@ -2234,13 +2378,35 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     if resume is None or resume.lower() in ("", "false", "none"):
         return None
     if resume.lower() in ("true", "last", "latest"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = last_complete_checkpoint(training_args.output_dir)
         if last is None:
-            raise LatentCommError(f"--resume_from_checkpoint {resume}: no checkpoint in {training_args.output_dir}")
+            raise LatentCommError(
+                f"--resume_from_checkpoint {resume}: no complete checkpoint in {training_args.output_dir}"
+            )
         return last
     if not Path(resume, LATENT_MODULES_NAME).is_file():
         raise LatentCommError(f"--resume_from_checkpoint {resume} is not a checkpoint of this tool")
+    if not is_complete_checkpoint(resume):
+        raise LatentCommError(f"--resume_from_checkpoint {resume} is incomplete (missing {TRAINER_STATE_NAME})")
     return resume
+
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    names = (LATENT_CONFIG_NAME, LATENT_MODULES_NAME, TEACHER_MARKERS_NAME, TRAINER_STATE_NAME)
+    return all(Path(path, name).is_file() for name in names) and Path(path, STUDENT_DIR).is_dir()
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` that holds everything a resume needs (None if none does).
+    Checkpoints are renamed into place when complete; this also skips incomplete ones made otherwise."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if step.isdigit() and path.is_dir():
+            steps.append((int(step), str(path)))
+    return next((path for _, path in sorted(steps, reverse=True) if is_complete_checkpoint(path)), None)
 
 
 def check_resume_compatible(checkpoint_dir: str, config: dict[str, Any]) -> None:
