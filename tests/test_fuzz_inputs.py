@@ -536,3 +536,28 @@ def test_null_keys_in_the_hidden_states_match_no_record(tmp_path):
     assert [c.id for c in kept] == ["x"]
     assert problems.bad_ids() == {"None"} and "missing 'hidden_state'" in problems.summary()
     assert "None" not in store.row_of
+
+
+def test_hidden_state_store_reopens_its_memory_map_and_reads_the_same_rows(tmp_path):
+    """Reopening the memory map (which bounds file-backed RSS, see tests/benchmark_memory.py) changes no value,
+    also over a dataset of several shards."""
+    rng = np.random.default_rng(0)
+    states = [rng.standard_normal((int(rng.integers(1, 6)), 16)).astype(np.float32) for _ in range(12)]
+    features = Features({"task_id": Value("string"), "hidden_state": List(List(Value("float32")))})
+    dataset = datasets.Dataset.from_dict(
+        {"task_id": [f"t{i}" for i in range(12)], "hidden_state": [s.tolist() for s in states]}, features=features
+    )
+    dataset.save_to_disk(str(tmp_path / "h"), num_shards=3)
+    store = tlc.HiddenStateStore(str(tmp_path / "h"))
+    assert store._remappable
+    store.remap_bytes = 3 * 16 * 4  # reopen after every few rows
+    tables = [store._latents]
+    for _ in range(2):
+        for i in rng.permutation(12):
+            np.testing.assert_array_equal(store.read(store.row_of[f"t{i}"]), states[i])
+            np.testing.assert_array_equal(
+                store.latent_rows(store.row_of[f"t{i}"], 7), states[i][np.arange(7) % len(states[i])]
+            )
+            if store._latents is not tables[-1]:
+                tables.append(store._latents)
+    assert len(tables) > 5
