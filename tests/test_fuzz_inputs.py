@@ -67,7 +67,7 @@ texts = st.one_of(
             "日本語のテキスト",
             "🙂" * 3,
         ]
-    ),  # fmt: skip
+    ),
     st.text(max_size=30),
     st.builds(lambda piece, n: piece * n, st.text(min_size=1, max_size=4), st.integers(300, 2000)),  # huge turns
 )
