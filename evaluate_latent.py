@@ -282,7 +282,7 @@ def compute_report(
     for start in tqdm(range(0, n, batch_size), desc="Latent report", disable=not progress):
         idx = list(range(start, min(start + batch_size, n)))
         batch = collator([dataset[i] for i in idx])
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         labels, insert_pos, mask = batch["labels"], batch["insert_pos"], batch["attention_mask"]
         bsz = labels.shape[0]
 
