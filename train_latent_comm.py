@@ -455,7 +455,8 @@ class ProblemLog:
             shown = ", ".join(ids[:max_ids]) + (", ..." if len(ids) > max_ids else "")
             noun = "record" if len(ids) == 1 else "records"
             parts.append(f"{len(ids)} {noun}: {kind} (ids {shown})")
-        return "; ".join(parts)
+        # Ids from JSON escapes may hold lone surrogates, which a UTF-8 stream (the log) cannot print.
+        return "; ".join(parts).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def load_records(path: str) -> list[Any]:

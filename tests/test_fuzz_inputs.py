@@ -73,7 +73,7 @@ texts = st.one_of(
 )
 role_names = st.sampled_from(["human", "user", "gpt", "assistant", "system", "Human", " GPT ", "USER\n", "robot",
                               "", "tool", "function"])  # fmt: skip
-ids = st.one_of(st.sampled_from(["a", "b", "c", "1", "2", "task-3"]), st.integers(0, 3), st.text(max_size=4))
+ids = st.one_of(st.sampled_from(["a", "b", "c", "1", "2", "task-3", "x\udc00"]), st.integers(0, 3), st.text(max_size=4))
 turns = st.one_of(
     st.fixed_dictionaries({"from": role_names, "value": texts}),
     st.fixed_dictionaries({"from": role_names, "value": texts}),
@@ -167,7 +167,7 @@ def hidden_stores(draw, record_ids):
     spec per key, the key column's name and type, the hidden column's kind and the container."""
     keys = [str(i) for i in record_ids if draw(st.integers(0, 9)) < 9]
     keys += draw(st.lists(st.sampled_from(sorted({str(i) for i in record_ids} | {"a", "zz", "1"})), max_size=2))
-    keys = draw(st.permutations(keys))
+    keys = draw(st.permutations([key for key in keys if _is_text(key)]))  # Arrow cannot store lone surrogates
     layout = draw(st.sampled_from(["normal"] * 10 + sorted(LAYOUTS)))
     key_column, kind, container = LAYOUTS[layout]
     return dict(
@@ -322,6 +322,7 @@ def test_parse_conversations_keeps_exactly_the_valid_records(items):
     for conv in conversations:
         assert 0 <= conv.first_user_index < len(conv.messages)
     assert "\n" not in problems.summary() or any("\n" in str(i) for i in problems.bad_ids())
+    problems.summary().encode("utf-8")  # printable to a UTF-8 stream: ids with lone surrogates come escaped
 
 
 @st.composite
@@ -450,6 +451,7 @@ def test_loading_yields_valid_samples_or_a_validation_error(case, assets, tokeni
                 tlc.build_datasets(model_args, data_args, latent_args, training_args, tokenizer, student_tokenizer)
             if problems and not case["skip_invalid_samples"]:
                 assert "invalid" in str(caught.value) and "--skip_invalid_samples" in str(caught.value)
+            str(caught.value).encode("utf-8")
             event(f"outcome: validation error, {min(len(samples), 3)}+ valid samples")
             return
         train, evaluation, collator = tlc.build_datasets(
@@ -520,6 +522,14 @@ def test_lone_surrogates_in_a_message_are_a_per_record_problem(tmp_path, tokeniz
     conversations = tlc.parse_conversations(tlc.load_records(str(path)), problems)
     assert [c.id for c in conversations] == ["good"]
     assert problems.bad_ids() == {"bad"} and "Unicode" in problems.summary()
+
+
+def test_problem_summary_escapes_lone_surrogates_in_ids():
+    """An id like "x\\udc00" (valid JSON) used to make the skip warning fail inside logging on a UTF-8 stdout."""
+    problems = tlc.ProblemLog()
+    problems.add("Sample is missing 'hidden_state'", "x\udc00")
+    assert problems.summary().encode("utf-8").decode() == "1 record: Sample is missing 'hidden_state' (ids x\\udc00)"
+    assert problems.bad_ids() == {"x\udc00"}
 
 
 def test_null_keys_in_the_hidden_states_match_no_record(tmp_path):
