@@ -111,7 +111,7 @@ def build(args, K: int):
         "attention_mask": torch.ones(B, T, dtype=torch.long),
         "labels": labels,
         "insert_pos": torch.full((B,), insert_pos),
-        "student_input_ids": torch.randint(0, vocab - 3, (B, S), generator=g),
+        "student_input_ids": torch.randint(0, shapes["student"][5], (B, S), generator=g),
         "student_attention_mask": torch.ones(B, S, dtype=torch.long),
         "data_latents": torch.randn(B, K, shapes["teacher"][0], generator=g),
     }

@@ -129,7 +129,7 @@ def assert_reloaded_model_reproduces_eval(assets, out, tmp_path, *extra):
 
 def test_resume_true_picks_the_last_checkpoint_and_bad_path_is_an_error(assets, tmp_path):
     args = tlc.parse_args(base_args(assets, tmp_path / "empty", "--resume_from_checkpoint", "true"))
-    with pytest.raises(tlc.LatentCommError, match="no checkpoint"):
+    with pytest.raises(tlc.LatentCommError, match="no complete checkpoint"):
         tlc.resolve_resume(args[3])
     (tmp_path / "ck" / "checkpoint-2").mkdir(parents=True)
     args = tlc.parse_args(
