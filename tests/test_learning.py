@@ -103,7 +103,7 @@ def train_color_task(root):
         "--teacher_model_name_or_path", paths["teacher"], "--student_model_name_or_path", paths["student"],
         "--data_path", paths["data"], "--hf_hidden_repo", paths["hidden"], "--output_dir", str(out),
         "--K", str(K), "--model_max_length", "64", "--head_num_heads", "4", "--head_dropout", "0",
-        "--kl_weight", "0", "--align_weight", "0", "--eval_ratio", "0", "--max_steps", "150",
+        "--kl_weight", "0", "--align_weight", "0", "--eval_ratio", "0", "--max_steps", "250",
         "--per_device_train_batch_size", "24", "--learning_rate", "2e-3", "--warmup_steps", "0",
         "--lr_scheduler_type", "constant", "--logging_steps", "50", "--save_strategy", "no", "--seed", "0",
         "--use_cpu", "--dataloader_num_workers", "0", "--report_to", "none", "--disable_tqdm", "True",
