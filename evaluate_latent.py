@@ -98,7 +98,13 @@ class RunArguments:
             "choices": ["auto", "eval", "train", "all"],
         },
     )
-    batch_size: int = field(default=4, metadata={"help": "Records per batch."})
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Records per batch (default: the run's --per_device_eval_batch_size, else 4; the report's KL "
+            "normalises its uncertainty weights per batch, as training's evaluation does)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the noise latents and of sampling."})
 
 
@@ -131,6 +137,11 @@ def read_run_args(output_dir: str) -> dict[str, Any]:
         if path.is_file():
             return json.loads(path.read_text())
     return {}
+
+
+def resolve_batch_size(args: RunArguments) -> int:
+    recorded = read_run_args(args.output_dir).get("LatentTrainingArguments", {})
+    return args.batch_size or recorded.get("per_device_eval_batch_size") or 4
 
 
 def resolve_data(args: RunArguments, need_hidden: bool = True) -> tuple[str, str | None, str, dict[str, Any]]:
@@ -524,7 +535,7 @@ def run_report(args: ReportArguments) -> dict:
     dataset = build_eval_dataset(config, teacher_tokenizer, student_tokenizer, data_path, hidden, split, settings)
     model, run = _load_model(args)
     collator = tlc.LatentCommCollator(tlc._pad_id(run.teacher_tokenizer), tlc._pad_id(run.student_tokenizer))
-    report = compute_report(model, dataset, collator, args.batch_size, args.seed)
+    report = compute_report(model, dataset, collator, resolve_batch_size(args), args.seed)
     report = {
         "output_dir": os.path.abspath(args.output_dir),
         "split": split,
@@ -696,7 +707,7 @@ def run_generate(args: GenerateArguments) -> str:
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
-        batch_size=args.batch_size,
+        batch_size=resolve_batch_size(args),
         progress=True,
     )
     torch.manual_seed(args.seed)

@@ -180,3 +180,14 @@ def test_report_command_errors(pipeline, tmp_path, capsys):
     assert ev.main(args) == 2
     assert "--hf_hidden_repo" in capsys.readouterr().err
     assert ev.main(["nonsense"]) == 2
+
+
+def test_report_command_defaults_to_the_runs_batches(pipeline, tmp_path):
+    """Without --batch_size the command batches as training's evaluation did, so even the per-batch KL term
+    equals training's eval_kl."""
+    assert ev.main(["report", "--output_dir", pipeline["run"], "--report_dir", str(tmp_path)]) == 0
+    with open(f"{pipeline['run']}/eval_results.json") as f:
+        metrics = json.load(f)
+    objective = load_report(tmp_path)["student_objective"]
+    assert objective["kl"] == pytest.approx(metrics["eval_kl"], rel=1e-4, abs=1e-7)
+    assert objective["loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
