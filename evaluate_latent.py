@@ -743,6 +743,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
     )
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     if not argv or argv[0] not in COMMANDS:
         print(
             f"usage: evaluate_latent.py {{{','.join(COMMANDS)}}} --output_dir RUN [flags] (--help per command)",
