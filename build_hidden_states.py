@@ -391,6 +391,10 @@ def build(args: BuildArguments) -> str:
     output_dir = Path(args.output_dir)
     partial_dir = Path(str(output_dir).rstrip("/") + ".partial")
     if output_dir.exists():
+        if partial_dir.is_dir() and not (partial_dir / "final").exists():
+            # Killed after the finished dataset was moved into place, before the clean-up: it is complete.
+            shutil.rmtree(partial_dir)
+            return str(output_dir)
         raise tlc.LatentCommError(f"--output_dir {output_dir} exists: remove it or choose another directory")
     records = collect_records(args)
     try:

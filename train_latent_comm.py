@@ -1170,9 +1170,7 @@ def chunked_kl(
             target_logits = lm_head(target)
         return kl_per_token(target_logits, lm_head(rows), temperature)
 
-    parts = [
-        _maybe_checkpoint(kl, hidden_rows[c], target_rows[c]) for c in _chunks(len(hidden_rows), step, n_chunks)
-    ]
+    parts = [_maybe_checkpoint(kl, hidden_rows[c], target_rows[c]) for c in _chunks(len(hidden_rows), step, n_chunks)]
     return torch.cat(parts) if parts else hidden_rows.new_zeros(0, dtype=torch.float32)
 
 
@@ -1466,9 +1464,7 @@ class LatentCommModel(nn.Module):
         hidden_a = self.teacher_hidden(input_ids, attention_mask, insert_pos, za)  # [B, T+K+2, Ht]
         nll_a = chunked_nll(hidden_a[tb, spliced_pred[tb, tt]], targets, lm_head, **target_chunks)  # [N]
         ce_sum = nll_a.sum()
-        kl_rows = chunked_kl(
-            hidden_a[wb, spliced_pred[wb, wt]], rows_d, lm_head, cfg.kl_temperature, **window_chunks
-        )
+        kl_rows = chunked_kl(hidden_a[wb, spliced_pred[wb, wt]], rows_d, lm_head, cfg.kl_temperature, **window_chunks)
         weights = uncertainty_weights(entropy_b, entropy_d, cfg.uncertainty_quantile, cfg.kl_weighting)
         kl = weighted_kl(kl_rows, weights)
         align_per_sample = alignment_per_sample(za, zd)  # [B]
@@ -2520,6 +2516,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if training_args.process_index == 0:
         print_summary(trainer, training_args.output_dir, time.time() - start)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # An orderly shutdown: a process that exits with its communicator's threads still running can abort.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -156,6 +156,12 @@ def test_interrupted_build_resumes_and_matches_an_uninterrupted_one(assets, tmp_
         np.testing.assert_array_equal(resumed[task_id][0], hidden)
     assert not partial.exists()
 
+    # Killed after the finished dataset was moved into place but before the clean-up: a rerun only cleans up.
+    partial.mkdir()
+    (partial / "shard-00000.arrow").write_bytes(b"left over")
+    assert bhs.main(build_args(assets, out, *sampled)) == 0
+    assert not partial.exists() and list(rows_of(out)) == list(reference)
+
 
 def test_a_partial_build_with_other_settings_is_not_resumed(assets, plans_file, tmp_path, capsys):
     out = tmp_path / "hidden"
