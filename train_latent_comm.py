@@ -1446,16 +1446,23 @@ class LatentCommModel(nn.Module):
         zd = self.project_data_latents(data_latents)
 
         # Runs D and B first, without gradient: only their window rows (and eval's CE rows) are kept,
-        # so their full hidden states are freed before run A builds its graph.
+        # so their full hidden states are freed before run A builds its graph. In training they feed the
+        # window rows alone, and the teacher is causal: tokens after the last window target cannot change
+        # those rows, so both runs stop there (the window is the first kl_window tokens after the block:
+        # most of a long conversation is never run through D and B).
+        cut = labels.shape[1]
+        if self.training and len(wt):
+            cut = min(cut, max(int(wt.max()) + 1, int(insert_pos.max())))
+        ids_db, mask_db = input_ids[:, :cut], attention_mask[:, :cut]
         nll = {}
         with torch.no_grad():
-            hidden_d = self.teacher_hidden(input_ids, attention_mask, insert_pos, zd)
+            hidden_d = self.teacher_hidden(ids_db, mask_db, insert_pos, zd)
             rows_d = hidden_d[wb, spliced_pred[wb, wt]]  # [Nw, Ht]
             entropy_d = chunked_entropy(rows_d, lm_head, **window_chunks)
             if not self.training:
                 nll["data_latent"] = chunked_nll(hidden_d[tb, spliced_pred[tb, tt]], targets, lm_head, **target_chunks)
             del hidden_d
-            hidden_b = self.teacher_hidden(input_ids, attention_mask)
+            hidden_b = self.teacher_hidden(ids_db, mask_db)
             entropy_b = chunked_entropy(hidden_b[wb, wt - 1], lm_head, **window_chunks)
             if not self.training:
                 nll["no_latent"] = chunked_nll(hidden_b[tb, tt - 1], targets, lm_head, **target_chunks)

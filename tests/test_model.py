@@ -495,3 +495,39 @@ def test_trust_remote_code_reaches_every_load_only_when_asked(assets, monkeypatc
     tlc.build_datasets(model_args, data_args, latent_args, training_args, teacher_tok, student_tok)
     tlc.build_models(model_args, latent_args, training_args, teacher_tok, new_ids)
     assert len(seen) >= 5 and all(value is flag for value in seen)
+
+
+def test_training_runs_d_and_b_stop_after_the_last_window_target(tiny_model, batch, monkeypatch):
+    """In training, runs D and B only feed the window rows; the teacher being causal, both stop after the
+    last window target, and every loss term is the same as with full-length runs (evaluation's)."""
+    model = tiny_model  # dropout is off everywhere, so training and evaluation see identical latents
+    lengths = []
+    original = tlc.LatentCommModel.teacher_hidden
+
+    def spy(self, input_ids, *args, **kwargs):
+        lengths.append(input_ids.shape[1])
+        return original(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(tlc.LatentCommModel, "teacher_hidden", spy)
+    with torch.no_grad():
+        full = model.eval()(**batch)
+        assert lengths == [batch["input_ids"].shape[1]] * 3
+        lengths.clear()
+        cut = model.train()(**batch)
+    s, window = batch["insert_pos"], model.settings.kl_window
+    positions = torch.arange(batch["labels"].shape[1])
+    window_targets = (batch["labels"] != -100) & (positions >= s[:, None]) & (positions < s[:, None] + window)
+    last = int(positions.expand_as(window_targets)[window_targets].max())
+    assert lengths == [last + 1, last + 1, batch["input_ids"].shape[1]]  # D, B, then A in full
+    assert last + 1 < 0.6 * batch["input_ids"].shape[1]  # the test batch really is cut
+    for name in ("loss", "ce", "kl", "align"):
+        torch.testing.assert_close(cut[name], full[name], atol=1e-5, rtol=1e-4)  # as against the reference
+
+    # A sample whose window is empty falls back to all its targets: nothing can be cut then.
+    labels = batch["labels"].clone()
+    labels[0, : int(s[0]) + window] = -100
+    lengths.clear()
+    with torch.no_grad():
+        model(**{**batch, "labels": labels})
+    last_target = int((labels != -100).nonzero()[:, 1].max())
+    assert lengths[:2] == [last_target + 1] * 2
