@@ -2503,6 +2503,15 @@ def run_training(model_args, data_args, latent_args, training_args, callbacks=No
     return trainer
 
 
+def shutdown_distributed() -> None:
+    """Wait for every rank, then tear the process group down. A process that exits with its
+    communicator's threads still running can abort ("terminate called without an active exception"),
+    failing the launch after a finished run. Scripts that call `run_training` should end with this."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import time
 
@@ -2523,10 +2532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if training_args.process_index == 0:
         print_summary(trainer, training_args.output_dir, time.time() - start)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # An orderly shutdown: a process that exits with its communicator's threads still running can abort.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()
     return 0
 
 

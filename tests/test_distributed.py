@@ -121,6 +121,7 @@ class CountLmHeadCalls(TrainerCallback):
 groups = tlc.parse_args(sys.argv[1:])
 tlc.setup_logging(groups[-1])
 tlc.run_training(*groups, callbacks=[CountLmHeadCalls()])
+tlc.shutdown_distributed()
 """
 
 
