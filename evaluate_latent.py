@@ -234,14 +234,21 @@ def _load_model(args: RunArguments):
 # ----------------------------------------------------------------------------------------------------
 
 
-def chunked_argmax(hidden_rows: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-    """The teacher's most likely next token `[N]` at rows `[N, H]`, `[chunk, V]` logits at a time."""
-    # As training's chunked losses: at most LOGIT_CHUNK_ELEMENTS logits at a time.
-    vocab_size = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
-    step = max(1, tlc.LOGIT_CHUNK_ELEMENTS // vocab_size)
+def chunked_nll_and_correct(
+    hidden_rows: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`-log p(target)` `[N]` and whether the teacher's most likely next token is the target `[N]`, from one
+    `[chunk, V]` block of logits at a time (no gradient)."""
+    step = tlc.rows_per_chunk(lm_head)
+    nll, correct = [], []
     with torch.no_grad():
-        parts = [lm_head(hidden_rows[i : i + step]).argmax(-1) for i in range(0, hidden_rows.shape[0], step)]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=hidden_rows.device)
+        for i in range(0, hidden_rows.shape[0], step):
+            logits = lm_head(hidden_rows[i : i + step]).float()
+            nll.append(torch.nn.functional.cross_entropy(logits, targets[i : i + step], reduction="none"))
+            correct.append(logits.argmax(-1) == targets[i : i + step])
+    if not nll:
+        return hidden_rows.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool)
+    return torch.cat(nll), torch.cat(correct)
 
 
 def data_latent_moments(dataset: tlc.LatentCommDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,15 +305,9 @@ def compute_report(
         bsz = labels.shape[0]
 
         # Targets and the rows that predict them, as in LatentCommModel.forward.
-        target_mask = labels != tlc.IGNORE_INDEX
-        target_mask[:, 0] = False
-        positions = torch.arange(labels.shape[1], device=device).unsqueeze(0)  # [1, T]
-        s = insert_pos.unsqueeze(1)
-        window = target_mask & (positions >= s) & (positions < s + cfg.kl_window)
-        window = torch.where(window.any(1, keepdim=True), window, target_mask)
-        spliced_pred = positions + (cfg.K + 2) * (positions >= s).long() - 1  # [B, T]
-        tb, tt = target_mask.nonzero(as_tuple=True)
-        wb, wt = window.nonzero(as_tuple=True)
+        rows = tlc.LossRows.of(labels, insert_pos, cfg.K, cfg.kl_window)
+        target_mask, spliced_pred = rows.target_mask, rows.spliced_pred
+        tb, tt, wb, wt = rows.tb, rows.tt, rows.wb, rows.wt
         targets = labels[tb, tt]
 
         cross = torch.stack(
@@ -342,8 +343,7 @@ def compute_report(
         )
         per_record = {c: {} for c in conditions}
         for condition in conditions:
-            nll = tlc.chunked_nll(target_rows[condition], targets, lm_head)  # [N]
-            correct = chunked_argmax(target_rows[condition], lm_head) == targets  # [N]
+            nll, correct = chunked_nll_and_correct(target_rows[condition], targets, lm_head)  # [N], [N]
             kl_rows = tlc.chunked_kl(window_rows[condition], window_rows["data_latent"], lm_head, cfg.kl_temperature)
             kl = tlc.weighted_kl(kl_rows, weights).item()
             acc = sums[condition]

@@ -1237,6 +1237,34 @@ def _hidden_size(config) -> int:
 
 
 @dataclass
+class LossRows:
+    """Which positions the losses read. Target `t` (>= 1, with a label) is predicted by the output at
+    `t - 1` in run B's coordinates and at `spliced_pred[b, t]` in the spliced runs A and D (the block of
+    K + 2 rows shifts every position from `insert_pos` on). The KL window is the targets in the first
+    `kl_window` positions after the block, or all of a sample's targets when that is empty."""
+
+    target_mask: torch.Tensor  # [B, T] bool
+    spliced_pred: torch.Tensor  # [B, T]
+    tb: torch.Tensor  # [N] batch index of each target
+    tt: torch.Tensor  # [N] its position
+    wb: torch.Tensor  # [Nw] the same for the window targets
+    wt: torch.Tensor  # [Nw]
+
+    @classmethod
+    def of(cls, labels: torch.Tensor, insert_pos: torch.Tensor, K: int, kl_window: int) -> "LossRows":
+        target_mask = labels != IGNORE_INDEX
+        target_mask[:, 0] = False
+        positions = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)  # [1, T]
+        s = insert_pos.unsqueeze(1)  # [B, 1]
+        window = target_mask & (positions >= s) & (positions < s + kl_window)
+        window = torch.where(window.any(1, keepdim=True), window, target_mask)  # empty window: all targets
+        spliced_pred = positions + (K + 2) * (positions >= s).long() - 1  # [B, T]
+        tb, tt = target_mask.nonzero(as_tuple=True)
+        wb, wt = window.nonzero(as_tuple=True)
+        return cls(target_mask, spliced_pred, tb, tt, wb, wt)
+
+
+@dataclass
 class LatentSettings:
     """What the model needs beyond its weights; also saved (with more) as latent_config.json."""
 
@@ -1424,18 +1452,9 @@ class LatentCommModel(nn.Module):
         """
         cfg = self.settings
         lm_head = self.teacher.get_output_embeddings()
-        shift = cfg.K + 2
-
-        # Targets: position t (>= 1) with a label, predicted by the output just before t in each run.
-        target_mask = labels != IGNORE_INDEX
-        target_mask[:, 0] = False
-        positions = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)  # [1, T]
-        s = insert_pos.unsqueeze(1)  # [B, 1]
-        window = target_mask & (positions >= s) & (positions < s + cfg.kl_window)
-        window = torch.where(window.any(1, keepdim=True), window, target_mask)  # empty window: all targets
-        spliced_pred = positions + shift * (positions >= s).long() - 1  # [B, T]
-        tb, tt = target_mask.nonzero(as_tuple=True)
-        wb, wt = window.nonzero(as_tuple=True)
+        rows = LossRows.of(labels, insert_pos, cfg.K, cfg.kl_window)
+        target_mask, spliced_pred = rows.target_mask, rows.spliced_pred
+        tb, tt, wb, wt = rows.tb, rows.tt, rows.wb, rows.wt
         targets = labels[tb, tt]
         step = rows_per_chunk(lm_head, cfg.logit_chunk_rows)
         n_window_chunks, n_target_chunks = chunk_counts_across_ranks(lm_head, [len(wb), len(tb)], step)
@@ -1572,15 +1591,15 @@ class LatentCommTrainer(Trainer):
         Runs before the backward pass, so the weights are still those of the last good step. All ranks
         take the same decision: a rank that stopped or skipped alone would leave the others waiting.
         """
-        values = torch.stack([out[name].detach().float() for name in TRAIN_TERMS])
-        bad = (~torch.isfinite(values)).float()
+        local_bad = ~torch.isfinite(torch.stack([out[name].detach().float() for name in TRAIN_TERMS]))
+        bad = local_bad.float()
         if self.args.world_size > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if not bad.any():
             return loss
         from accelerate.utils import gather_object
 
-        ids = gather_object([(record_ids or [], (~torch.isfinite(values)).any().item())])
+        ids = gather_object([(record_ids or [], local_bad.any().item())])
         bad_ids = [i for batch_ids, rank_bad in ids for i in batch_ids if rank_bad] or ["unknown"]
         terms = [name for name, flag in zip(TRAIN_TERMS, bad.tolist()) if flag]
         where = f"step {self.state.global_step + 1}: non-finite {', '.join(terms)} on the batch of records {bad_ids}"

@@ -195,10 +195,9 @@ def worker_sft(args, K: int) -> dict:
     teacher.requires_grad_(True)
     lm_head = teacher.get_output_embeddings()
     labels, insert_pos = batch["labels"], batch["insert_pos"]
-    mask = labels != tlc.IGNORE_INDEX
-    mask[:, 0] = False
-    tb, tt = mask.nonzero(as_tuple=True)
-    spliced_pred = tt + (K + 2) * (tt >= insert_pos[tb]).long() - 1
+    rows = tlc.LossRows.of(labels, insert_pos, K, model.settings.kl_window)  # the full step's CE rows
+    tb, tt = rows.tb, rows.tt
+    spliced_pred = rows.spliced_pred[tb, tt]
     block = torch.randn(labels.shape[0], K, tlc._hidden_size(teacher.config), device=labels.device)
 
     def step():
