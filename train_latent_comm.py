@@ -95,6 +95,8 @@ PARTIAL_CHECKPOINT_PREFIX = ".partial-"
 # Vocabulary logits are materialised for at most this many elements at a time (2**26 floats = 256 MiB
 # in float32): with Qwen2.5's 152k vocabulary that is ~440 rows per chunk.
 LOGIT_CHUNK_ELEMENTS = 2**26
+# How the student's latent steps run (--rollout_impl): see "Modules: the lean latent step".
+ROLLOUT_IMPLS = ("auto", "lean", "hf")
 
 ROLE_ALIASES = {
     "human": "user",
@@ -232,6 +234,15 @@ class LatentArguments:
         metadata={
             "help": "Rows of vocabulary logits computed at once (0: as many as fit in 2**26 logits, e.g. 443 for "
             "a 151k vocabulary). Smaller saves memory, larger saves kernel launches."
+        },
+    )
+    rollout_impl: str = field(
+        default="auto",
+        metadata={
+            "help": "How the student's K latent steps run: 'lean' feeds the decoder layers directly with fused "
+            "weights and per-rollout rotary/mask (a third of the operations; Qwen2/2.5, Qwen3, Llama, Mistral), "
+            "'hf' goes through the HF modules, 'auto' takes lean where it is exact and logs why when not.",
+            "choices": list(ROLLOUT_IMPLS),
         },
     )
 
@@ -1175,7 +1186,7 @@ def chunked_kl(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Modules: the student rollout and the combined model
+# Modules: the student's prefill cache and decoder helpers
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -1236,6 +1247,313 @@ def _hidden_size(config) -> int:
     return config.get_text_config().hidden_size
 
 
+# ----------------------------------------------------------------------------------------------------
+# Modules: the lean latent step
+# ----------------------------------------------------------------------------------------------------
+# Each of the K latent steps feeds one position through every student layer. Through the HF modules a
+# step dispatches ~76 operations per layer forward and ~152 backward at the Qwen2.5-0.5B shape (mask
+# building, rotary embedding, separate projections, repeated KV heads), and every step's backward adds
+# a rank-B gradient into every weight matrix. On a GPU the launches, and those full-size updates, set the
+# rollout's speed, not its arithmetic. The lean step computes the same function (test_rollout.py checks
+# it in float64) with what does not change between steps done once per rollout:
+# - rotary cos/sin for all K positions, and the attention mask, sliced per step;
+# - weights fused where they share an input (QKV; gate and up), with each RMSNorm's weight folded into
+#   the matrix that follows it, cast once to the autocast dtype;
+# - weight gradients: each step only records its matmul's input and output gradient; one matmul over
+#   all K steps' rows then gives each weight's gradient (`_RolloutWeight`).
+# Grouped KV heads need no repeat: the query heads of one KV head are the "positions" of its SDPA call.
+
+LEAN_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
+# RoPE variants whose cos/sin depend on the position alone ("dynamic" and "longrope" rescale with the
+# sequence length, which a step-by-step decoder sees grow).
+LEAN_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _is_rms_norm(module: nn.Module | None) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+
+
+def lean_rollout_unsupported(student: nn.Module) -> str | None:
+    """Why the lean latent step cannot reproduce `student`'s decoder exactly, or None when it can."""
+    config = student.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LEAN_MODEL_TYPES:
+        return f"model type {model_type!r} is not one it implements ({', '.join(LEAN_MODEL_TYPES)})"
+    decoder = _decoder_of(student)
+    if not all(hasattr(decoder, name) for name in ("layers", "norm", "rotary_emb")) or not _is_rms_norm(decoder.norm):
+        return f"the decoder {type(decoder).__name__} is not laid out as a {model_type} decoder"
+    rope_type = getattr(decoder.rotary_emb, "rope_type", None)
+    if rope_type not in LEAN_ROPE_TYPES:
+        return f"rope type {rope_type!r} is not one it implements ({', '.join(LEAN_ROPE_TYPES)})"
+    if any(hasattr(p, "ds_id") for p in student.parameters()):
+        return "ZeRO-3 partitions the student's weights, which are gathered only inside module calls"
+    for i, layer in enumerate(decoder.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        linears = {f"self_attn.{n}": getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        linears.update({f"mlp.{n}": getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")})
+        for name, module in linears.items():
+            if type(module) is not nn.Linear:  # adapters (LoRA) and quantized layers compute something else
+                return f"layer {i} {name} is a {type(module).__name__}, not a plain nn.Linear"
+        norms = [getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)]
+        if model_type == "qwen3":
+            norms += [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+        if not all(_is_rms_norm(norm) for norm in norms) or not hasattr(mlp, "act_fn"):
+            return f"layer {i} is not laid out as a {model_type} decoder layer"
+        if model_type == "qwen3" and attn.q_norm.variance_epsilon != attn.k_norm.variance_epsilon:
+            return f"layer {i} has different q_norm and k_norm epsilons"
+    return None
+
+
+def lean_sliding_window(student: nn.Module) -> int | None:
+    """The sliding attention window of `student` (None without one). The lean step attends to the whole
+    context, which is exact as long as the prompt plus the K latents fit in the window."""
+    config = student.config
+    if config.model_type == "mistral":
+        return getattr(config, "sliding_window", None)
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return config.sliding_window
+    return None
+
+
+class _RMSNormalize(torch.autograd.Function):
+    """`x * rsqrt(mean(x^2) + eps)` over the last dimension, computed in float32 at least and rounded to the
+    input's dtype, as HF's RMSNorm does before its weight. Forward and hand-written backward dispatch 5 and
+    7 operations on a CPU, where autograd through `F.rms_norm`'s CPU decomposition dispatches over twice that."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # [..., 1]
+        ctx.save_for_backward(x, rstd)  # not the output: saving it costs detaches and keeps as much memory
+        return (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd
+        grad = grad.to(rstd.dtype)
+        # d(x * rstd)/dx applied to g: rstd * (g - normed * mean(g * normed)).
+        grad_x = (grad - normed * (grad * normed).mean(-1, keepdim=True)) * rstd
+        return grad_x.to(x.dtype), None
+
+
+def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without its weight; on CUDA torch's fused kernel (one operation each way)."""
+    if x.is_cuda:
+        return F.rms_norm(x, (x.shape[-1],), None, eps)
+    return _RMSNormalize.apply(x, eps)
+
+
+class _StepRecord:
+    """What one prepared weight saw at each latent step: its input (forward) and its output's gradient
+    (backward), by step index."""
+
+    def __init__(self):
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.grads: dict[int, torch.Tensor] = {}
+
+
+class _RolloutWeight(torch.autograd.Function):
+    """The weight `[out, in]` (and bias `[out]`) of one or more linears that share an input, fused along their
+    outputs for one rollout: `cat(W_i) * norm_weight` (the RMSNorm before them folded in:
+    `(n * w) @ W^T == n @ (W * w)^T`), cast to the compute dtype.
+
+    Its backward is where the weight gradients are made. Autograd runs it only after the backward of every
+    latent step that used the weight (each reports its input and output gradient in `record`, see
+    `_StepLinear`), so it forms them as one matmul over all steps' rows, `G^T X`, instead of K rank-B
+    updates of the whole matrix. Nothing but the parameters themselves is saved for it."""
+
+    @staticmethod
+    def forward(ctx, record, dtype, norm_weight, n_linears, *params):
+        ctx.set_materialize_grads(False)  # the steps report None: their gradients are in `record`
+        weights, biases = params[:n_linears], params[n_linears:]
+        weight = torch.cat(weights) if n_linears > 1 else weights[0]
+        if norm_weight is not None:
+            weight = weight * norm_weight
+        outputs = [weight.to(dtype)]
+        if any(b is not None for b in biases):
+            parts = [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)]
+            outputs.append((torch.cat(parts) if n_linears > 1 else parts[0]).to(dtype))
+        ctx.record, ctx.has_norm, ctx.bias_given = record, norm_weight is not None, [b is not None for b in biases]
+        ctx.save_for_backward(*([norm_weight] if norm_weight is not None else []), *weights)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *unused):
+        saved = ctx.saved_tensors
+        norm_weight, weights = (saved[0], saved[1:]) if ctx.has_norm else (None, saved)
+        record = ctx.record
+        steps = sorted(record.grads)  # the steps this backward reached
+        none = [None] * (len(weights) + len(ctx.bias_given))
+        if not steps:
+            return None, None, None, None, *none
+        x = torch.cat([record.inputs[s] for s in steps])  # [steps * B, in]
+        g = torch.cat([record.grads[s] for s in steps])  # [steps * B, out]
+        record.grads = {}  # a second backward (retain_graph) reports afresh
+        fused = g.t().mm(x).to(weights[0].dtype)  # [out, in]: d loss / d (W * w)
+        grad_norm = None
+        if norm_weight is not None:
+            if ctx.needs_input_grad[2]:
+                grad_norm = (fused * (torch.cat(weights) if len(weights) > 1 else weights[0])).sum(0)
+            fused = fused * norm_weight
+        sizes = [w.shape[0] for w in weights]
+        grad_weights = list(fused.split(sizes))
+        grad_biases = [None] * len(ctx.bias_given)
+        if any(ctx.bias_given):
+            for i, part in enumerate(g.sum(0).to(weights[0].dtype).split(sizes)):
+                grad_biases[i] = part if ctx.bias_given[i] else None
+        return None, None, grad_norm, None, *grad_weights, *grad_biases
+
+
+class _StepLinear(torch.autograd.Function):
+    """`x @ weight.T + add` `[B, out]` at latent step `step`: `add` is a bias (whose gradient, like the
+    weight's, `_RolloutWeight` gives) or the residual stream (which gets the output's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_t, add, add_is_residual, record, step):
+        record.inputs[step] = x
+        ctx.record, ctx.step, ctx.add_is_residual = record, step, add_is_residual
+        ctx.save_for_backward(weight)
+        return torch.mm(x, weight_t) if add is None else torch.addmm(add, x, weight_t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.record.grads[ctx.step] = grad
+        (weight,) = ctx.saved_tensors
+        grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, grad if ctx.add_is_residual else None, None, None, None
+
+
+class _LeanLinear:
+    """A rollout's view of one or more `nn.Linear` that share an input (fused along their outputs), with the
+    weight of the RMSNorm before them folded in: `x @ (W * norm_weight)^T + b`, in the compute dtype."""
+
+    def __init__(self, linears: list[nn.Module], dtype: torch.dtype, norm_weight: torch.Tensor | None = None):
+        params = [m.weight for m in linears] + [m.bias for m in linears]
+        self.record = _StepRecord() if torch.is_grad_enabled() else None
+        self.weight, *bias = _RolloutWeight.apply(self.record, dtype, norm_weight, len(linears), *params)
+        self.bias = bias[0] if bias else None
+        self.weight_t = self.weight.t()
+        if not self.weight.requires_grad:
+            self.record = None
+
+    def __call__(self, x: torch.Tensor, step: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` `[B, in]` -> `[B, out]`, plus `residual` when given (added in its own dtype, as HF's `x + attn`)."""
+        x = x.to(self.weight.dtype)  # autocast's cast of the input; a no-op without autocast
+        add, add_is_residual = self.bias, False
+        if residual is not None and self.bias is None and residual.dtype == self.weight.dtype:
+            add, add_is_residual = residual, True  # one addmm for the projection and the residual
+        if self.record is not None:
+            out = _StepLinear.apply(x, self.weight, self.weight_t, add, add_is_residual, self.record, step)
+        else:
+            out = torch.mm(x, self.weight_t) if add is None else torch.addmm(add, x, self.weight_t)
+        return out if residual is None or add_is_residual else residual + out
+
+
+class _LeanLayer:
+    """One decoder layer as the lean step runs it, its weights prepared for one rollout."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype, training: bool):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = _LeanLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, layer.input_layernorm.weight)
+        self.o = _LeanLinear([attn.o_proj], dtype)
+        self.gate_up = _LeanLinear([mlp.gate_proj, mlp.up_proj], dtype, layer.post_attention_layernorm.weight)
+        self.down = _LeanLinear([mlp.down_proj], dtype)
+        self.input_eps = layer.input_layernorm.variance_epsilon
+        self.post_eps = layer.post_attention_layernorm.variance_epsilon
+        self.act = mlp.act_fn
+        self.dropout = attn.attention_dropout if training else 0.0
+        self.qk_norm = None  # Qwen3: per-head RMSNorms of q and k before RoPE, as one [Hq + Hkv, D] weight
+        if hasattr(attn, "q_norm"):
+            n_q, n_kv = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+            self.qk_norm = torch.cat([attn.q_norm.weight.expand(n_q, -1), attn.k_norm.weight.expand(n_kv, -1)])
+            self.qk_eps = attn.q_norm.variance_epsilon
+
+
+def lean_latent_steps(
+    student: nn.Module,
+    cache: DynamicCache,
+    first_input: torch.Tensor,
+    attention_mask: torch.Tensor,
+    first_position: torch.Tensor,
+    next_input: nn.Module,
+    K: int,
+) -> torch.Tensor:
+    """K latent steps on top of the prefill in `cache`; the same function as feeding them through the HF
+    decoder one position at a time.
+
+    `first_input` `[B, Hs]` goes in at `first_position` `[B, 1]` (the prompt's real-token count); each step's
+    final-norm output `z_k` `[B, Hs]` becomes the next input through `next_input` (h2e). `attention_mask`
+    `[B, S]` is the prompt's padding mask. Returns `[B, K, Hs]`.
+
+    Under autocast every operation takes the dtypes it takes in the HF modules (matmuls and attention in the
+    autocast dtype, norms in float32, the residual stream in its own dtype), except RoPE: HF computes cos/sin
+    in the dtype of the step's input, which after step 1 is h2e's low-precision output; here they stay float32.
+    """
+    decoder = _decoder_of(student)
+    batch, device_type = first_input.shape[0], first_input.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    # Matrices in the dtype autocast would cast them to; the residual stream keeps its own dtype.
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else decoder.norm.weight.dtype
+    attn_dtype = compute_dtype if autocast else first_input.dtype
+    layers = [_LeanLayer(layer, compute_dtype, student.training) for layer in decoder.layers]
+    attn = decoder.layers[0].self_attn
+    head_dim, scaling = attn.head_dim, attn.scaling
+    n_q, n_kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
+
+    # The prefill's keys and values per layer `[B, Hkv, S, D]`, in the dtype attention runs in. Each step
+    # appends its position as a new tensor (autograd keeps every step's view of the cache).
+    keys = [layer.keys.to(attn_dtype) for layer in cache.layers]
+    values = [layer.values.to(attn_dtype) for layer in cache.layers]
+    prompt_len = keys[0].shape[2]
+    full_mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(batch, K, dtype=torch.bool)], dim=1)
+    additive_mask = torch.zeros(full_mask.shape, dtype=attn_dtype, device=full_mask.device)
+    additive_mask = additive_mask.masked_fill_(~full_mask, float("-inf")).view(batch, 1, 1, prompt_len + K)
+    # RoPE for all K positions, with rotate_half's sign folded into sin: rotate_half(x) = roll(x, D/2) * sign.
+    positions = first_position + torch.arange(K, device=first_position.device)  # [B, K]
+    cos, sin = decoder.rotary_emb(first_input.unsqueeze(1), positions)  # [B, K, D]
+    sign = torch.ones(head_dim, dtype=sin.dtype, device=sin.device)
+    sign[: head_dim // 2] = -1
+    cos = cos.transpose(0, 1).unsqueeze(2).contiguous()  # [K, B, 1, D]
+    sin = (sin * sign).transpose(0, 1).unsqueeze(2).contiguous()  # [K, B, 1, D]
+    qk_width, v_width = (n_q + n_kv) * head_dim, n_kv * head_dim
+
+    x, latents = first_input, []
+    for step in range(K):
+        mask = additive_mask[..., : prompt_len + step + 1]  # [B, 1, 1, S + step + 1]
+        cos_k, sin_k = cos[step], sin[step]  # [B, 1, D]
+        for i, layer in enumerate(layers):
+            qk, v = layer.qkv(_rms_normalize(x, layer.input_eps), step).split([qk_width, v_width], dim=-1)
+            qk = qk.view(batch, n_q + n_kv, head_dim)
+            if layer.qk_norm is not None:
+                qk = _rms_normalize(qk, layer.qk_eps) * layer.qk_norm
+            qk = torch.addcmul(qk * cos_k, qk.roll(head_dim // 2, -1), sin_k)  # RoPE
+            q, k = qk.to(attn_dtype).split([n_q, n_kv], dim=1)  # [B, Hq, D], [B, Hkv, D]
+            keys[i] = torch.cat([keys[i], k.unsqueeze(2)], dim=2)  # [B, Hkv, S + step + 1, D]
+            values[i] = torch.cat([values[i], v.to(attn_dtype).view(batch, n_kv, 1, head_dim)], dim=2)
+            out = F.scaled_dot_product_attention(
+                q.view(batch, n_kv, n_q // n_kv, head_dim),
+                keys[i],
+                values[i],
+                attn_mask=mask,
+                dropout_p=layer.dropout,
+                scale=scaling,
+            )  # [B, Hkv, Hq / Hkv, D]
+            x = layer.o(out.reshape(batch, n_q * head_dim), step, residual=x)
+            gate, up = layer.gate_up(_rms_normalize(x, layer.post_eps), step).chunk(2, dim=-1)
+            x = layer.down(layer.act(gate) * up, step, residual=x)
+        z = _rms_normalize(x, decoder.norm.variance_epsilon) * decoder.norm.weight  # [B, Hs]
+        latents.append(z)
+        if step + 1 < K:
+            x = next_input(z)
+    return torch.stack(latents, dim=1)  # [B, K, Hs]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules: the combined model
+# ----------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class LossRows:
     """Which positions the losses read. Target `t` (>= 1, with a label) is predicted by the output at
@@ -1279,6 +1597,7 @@ class LatentSettings:
     uncertainty_quantile: float = 0.95
     kl_weighting: str = "uncertainty"
     logit_chunk_rows: int = 0  # 0: LOGIT_CHUNK_ELEMENTS // vocabulary size
+    rollout_impl: str = "auto"  # "lean": fused latent steps; "hf": the HF modules; "auto": lean where exact
 
 
 class LatentCommModel(nn.Module):
@@ -1323,6 +1642,7 @@ class LatentCommModel(nn.Module):
         if output_embeddings is not None and output_embeddings.weight is not student.get_input_embeddings().weight:
             output_embeddings.requires_grad_(False)
         self._teacher_checkpointing = False
+        self._rollout_notes: set[str] = set()  # fallback reasons already logged
 
     # -- mode and checkpointing -------------------------------------------------------------------
 
@@ -1361,6 +1681,29 @@ class LatentCommModel(nn.Module):
 
     # -- student side -------------------------------------------------------------------------------
 
+    def rollout_impl(self, prompt_len: int) -> str:
+        """"lean" or "hf": how the K latent steps run for prompts of `prompt_len` tokens (SPEC 3.3 either way).
+
+        `--rollout_impl auto` takes the lean step where it computes exactly what the HF modules compute
+        (`lean_rollout_unsupported`), and says once why when it does not; `lean` makes that an error.
+        """
+        requested = self.settings.rollout_impl
+        if requested == "hf":
+            return "hf"
+        reason = lean_rollout_unsupported(self.student)
+        window = lean_sliding_window(self.student)
+        if reason is None and window is not None and prompt_len + self.settings.K > window:
+            reason = f"a prompt of {prompt_len} tokens plus K={self.settings.K} latents exceeds the sliding window {window}"
+        if reason is None:
+            return "lean"
+        if requested == "lean":
+            raise LatentCommError(f"--rollout_impl lean cannot run this student: {reason}. Use --rollout_impl auto.")
+        if reason not in self._rollout_notes:
+            self._rollout_notes.add(reason)
+            logger.info("Student rollout: the HF decoder modules, because %s.", reason)
+        return "hf"
+
+
     def student_latents(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Roll the student out for K latent steps after its left-padded prompt: `[B, S]` -> `[B, K, Hs]`.
 
@@ -1374,6 +1717,11 @@ class LatentCommModel(nn.Module):
         cache = PrefillReplayCache(config=self.student.config)
         decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=False)
         next_position = positions[:, -1:] + 1  # [B, 1]
+        if self.rollout_impl(input_ids.shape[1]) == "lean":
+            first_input = self.lat_bos.to(embeds.dtype).expand(input_ids.shape[0], -1)  # [B, Hs]
+            latents = lean_latent_steps(self.student, cache, first_input, mask, next_position, self.h2e, self.settings.K)
+            cache.sealed = True
+            return latents
         step_input = self.lat_bos.to(embeds.dtype).expand(input_ids.shape[0], 1, -1)  # [B, 1, Hs]
         latents = []
         # Steps are never checkpointed: each is one position, and a replay would need the cache as it was.
@@ -2167,8 +2515,13 @@ def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_
         uncertainty_quantile=latent_args.uncertainty_quantile,
         kl_weighting=latent_args.kl_weighting,
         logit_chunk_rows=latent_args.logit_chunk_rows,
+        rollout_impl=latent_args.rollout_impl,
     )
     model = LatentCommModel(teacher, student, settings, latent_args.head_num_heads, latent_args.head_dropout)
+    unsupported = lean_rollout_unsupported(student) if settings.rollout_impl != "hf" else "--rollout_impl hf"
+    if unsupported and settings.rollout_impl == "lean":
+        raise LatentCommError(f"--rollout_impl lean cannot run this student: {unsupported}. Use --rollout_impl auto.")
+    logger.info("Student rollout: %s.", "lean latent steps" if not unsupported else f"HF decoder modules ({unsupported})")
     if latent_args.hidden_head_ckpt:
         load_head_checkpoint(model.head, latent_args.hidden_head_ckpt)
         logger.info("Loaded HiddenStateHead from %s.", latent_args.hidden_head_ckpt)
