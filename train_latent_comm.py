@@ -1293,7 +1293,8 @@ def lean_rollout_unsupported(student: nn.Module) -> str | None:
         linears.update({f"mlp.{n}": getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")})
         for name, module in linears.items():
             if type(module) is not nn.Linear:  # adapters (LoRA) and quantized layers compute something else
-                return f"layer {i} {name} is a {type(module).__name__}, not a plain nn.Linear"
+                kind = f"{type(module).__module__}.{type(module).__qualname__}"
+                return f"layer {i} {name} is a {kind}, not a plain torch.nn.Linear"
         norms = [getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)]
         if model_type == "qwen3":
             norms += [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
@@ -1693,7 +1694,9 @@ class LatentCommModel(nn.Module):
         reason = lean_rollout_unsupported(self.student)
         window = lean_sliding_window(self.student)
         if reason is None and window is not None and prompt_len + self.settings.K > window:
-            reason = f"a prompt of {prompt_len} tokens plus K={self.settings.K} latents exceeds the sliding window {window}"
+            reason = (
+                f"a prompt of {prompt_len} tokens plus K={self.settings.K} latents exceeds the sliding window {window}"
+            )
         if reason is None:
             return "lean"
         if requested == "lean":
@@ -1719,7 +1722,8 @@ class LatentCommModel(nn.Module):
         next_position = positions[:, -1:] + 1  # [B, 1]
         if self.rollout_impl(input_ids.shape[1]) == "lean":
             first_input = self.lat_bos.to(embeds.dtype).expand(input_ids.shape[0], -1)  # [B, Hs]
-            latents = lean_latent_steps(self.student, cache, first_input, mask, next_position, self.h2e, self.settings.K)
+            K = self.settings.K
+            latents = lean_latent_steps(self.student, cache, first_input, mask, next_position, self.h2e, K)
             cache.sealed = True
             return latents
         step_input = self.lat_bos.to(embeds.dtype).expand(input_ids.shape[0], 1, -1)  # [B, 1, Hs]
@@ -2521,7 +2525,7 @@ def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_
     unsupported = lean_rollout_unsupported(student) if settings.rollout_impl != "hf" else "--rollout_impl hf"
     if unsupported and settings.rollout_impl == "lean":
         raise LatentCommError(f"--rollout_impl lean cannot run this student: {unsupported}. Use --rollout_impl auto.")
-    logger.info("Student rollout: %s.", "lean latent steps" if not unsupported else f"HF decoder modules ({unsupported})")
+    logger.info("Student rollout: %s.", f"HF decoder modules ({unsupported})" if unsupported else "lean latent steps")
     if latent_args.hidden_head_ckpt:
         load_head_checkpoint(model.head, latent_args.hidden_head_ckpt)
         logger.info("Loaded HiddenStateHead from %s.", latent_args.hidden_head_ckpt)

@@ -202,7 +202,7 @@ def test_unsupported_students_fall_back_to_hf_with_one_log_line(caplog):
     windowed = make_student("mistral", sliding_window=12)  # prompt 11 + K 7 latents > 12
     cases = {
         "rope type 'dynamic'": dynamic_rope,
-        "layer 1 self_attn.q_proj is a Adapter": adapted,
+        "layer 1 self_attn.q_proj is a": adapted,  # ... test_rollout.<...>.Adapter, not a plain torch.nn.Linear
         "model type 'gemma'": gemma,
         "exceeds the sliding window 12": windowed,
     }
@@ -252,8 +252,9 @@ def test_rms_normalize_matches_hf_rmsnorm_in_half_precision():
         torch.testing.assert_close(tlc._rms_normalize(x, 1e-6), torch.nn.functional.rms_norm(x, (64,), None, 1e-6))
         grad_ours, = torch.autograd.grad(ours.sum(), x)
         grad_theirs, = torch.autograd.grad(theirs.sum(), x)
-        torch.testing.assert_close(grad_ours.float(), grad_theirs.float(), rtol=2e-2 if dtype != torch.float32 else 1e-5,
-                                   atol=1e-2 if dtype != torch.float32 else 1e-6)  # fmt: skip
+        low_precision = dtype != torch.float32  # the two backward passes round differently
+        tolerance = dict(rtol=2e-2, atol=1e-2) if low_precision else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad_ours.float(), grad_theirs.float(), **tolerance)
 
 
 def test_gradient_checkpointed_prefill_is_recomputed_under_the_lean_rollout():
