@@ -92,6 +92,11 @@ RUN_ARGS_NAME = "run_args.json"
 # A checkpoint is written under this prefix and renamed to `checkpoint-N` once complete.
 PARTIAL_CHECKPOINT_PREFIX = ".partial-"
 
+# The two ends of a HiddenStateHead: the seed's GLU output projection, or none (the official Interlat head).
+HEAD_OUTPUT_PROJECTIONS = ("glu", "none")
+# The official Interlat pipeline keeps its stage-1 head (no output projection) in the teacher's directory.
+TEACHER_DIR_HEAD_NAME = "hidden_mha_state.pt"
+
 # Vocabulary logits are materialised for at most this many elements at a time (2**26 floats = 256 MiB
 # in float32): with Qwen2.5's 152k vocabulary that is ~440 rows per chunk.
 LOGIT_CHUNK_ELEMENTS = 2**26
@@ -201,13 +206,28 @@ class LatentArguments:
     _argument_group_name = "Latents, head and losses"
     K: int = field(default=128, metadata={"help": "Number of latent vectors the student emits."})
     head_num_heads: int = field(default=8, metadata={"help": "Attention heads of the HiddenStateHead."})
-    head_dropout: float = field(default=0.1, metadata={"help": "Dropout of the HiddenStateHead."})
+    head_dropout: float = field(
+        default=0.1, metadata={"help": "Dropout of the HiddenStateHead (its attention and its output projection)."}
+    )
+    head_output_projection: str = field(
+        default="auto",
+        metadata={
+            "help": "End of the HiddenStateHead: 'glu' (the seed's GLU output projection), 'none' (the official "
+            "Interlat head, which ends after the adaptive projection), or 'auto': as the head file has it, else glu.",
+            "choices": ["auto", *HEAD_OUTPUT_PROJECTIONS],
+        },
+    )
     hidden_head_ckpt: str | None = field(
         default=None,
         metadata={
             "help": "Pretrained HiddenStateHead: a safetensors state dict, or a torch file of nested state dicts "
-            "(pre_ln, post_ln, hidden_mha, output_projection, adaptive_proj)."
+            "(pre_ln, post_ln, hidden_mha, adaptive_proj and, in the seed's variant, output_projection), such as "
+            f"the official {TEACHER_DIR_HEAD_NAME}. Default: {TEACHER_DIR_HEAD_NAME} in a local teacher directory."
         },
+    )
+    ignore_teacher_dir_head: bool = field(
+        default=False,
+        metadata={"help": f"Do not start from the teacher directory's {TEACHER_DIR_HEAD_NAME} (random head)."},
     )
     freeze_head: bool = field(default=False, metadata={"help": "Keep the HiddenStateHead fixed."})
     ce_weight: float = field(default=1.0, metadata={"help": "Weight of the teacher's cross-entropy with latent."})
@@ -913,12 +933,16 @@ class LatentCommCollator:
 # Modules: the HiddenStateHead and its checkpoints
 # ----------------------------------------------------------------------------------------------------
 
+# Before it took the published name `proj`, our adaptive MLP was `mlp`: runs saved then still load.
+LEGACY_HEAD_KEY_PREFIXES = {"adaptive_proj.mlp.": "adaptive_proj.proj."}
+
 
 class AdaptiveProjection(nn.Module):
-    """`r = x * scale; out = (r + MLP(r)) * output_scale`: a residual MLP behind two learnable gains.
+    """`r = x * scale; out = (r + proj(r)) * output_scale`: a residual MLP behind two learnable gains.
 
     The last Linear starts near zero (xavier gain 1e-2), so the block starts as a plain rescaling and the
     small `output_scale` keeps the first spliced latents close to the teacher's embedding magnitude.
+    Parameter names are those of the published heads (`proj.0/2/3`), so their files load as they are.
     """
 
     def __init__(self, hidden_size: int):
@@ -926,42 +950,50 @@ class AdaptiveProjection(nn.Module):
         # Shape [1], not a 0-dim scalar: DeepSpeed cannot broadcast or partition 0-dim parameters.
         self.scale = nn.Parameter(torch.tensor([0.2]))
         self.output_scale = nn.Parameter(torch.tensor([0.1]))
-        self.mlp = nn.Sequential(
+        self.proj = nn.Sequential(
             nn.Linear(hidden_size, hidden_size),
             nn.GELU(),
             nn.LayerNorm(hidden_size),
             nn.Linear(hidden_size, hidden_size),
         )
-        nn.init.normal_(self.mlp[0].weight, std=0.02)
-        nn.init.zeros_(self.mlp[0].bias)
-        nn.init.xavier_uniform_(self.mlp[3].weight, gain=1e-2)
-        nn.init.zeros_(self.mlp[3].bias)
+        nn.init.normal_(self.proj[0].weight, std=0.02)
+        nn.init.zeros_(self.proj[0].bias)
+        nn.init.xavier_uniform_(self.proj[3].weight, gain=1e-2)
+        nn.init.zeros_(self.proj[3].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = x * self.scale
-        return (r + self.mlp(r)) * self.output_scale
+        return (r + self.proj(r)) * self.output_scale
 
 
 class HiddenStateHead(nn.Module):
     """Maps a sequence of latents `[B, K, Ht]` into the teacher's input-embedding space `[B, K, Ht]`.
 
     Pre-norm self-attention over the K latents (so each latent sees the whole plan), an adaptive
-    residual projection, and a GLU output projection.
+    residual projection, and (`output_projection="glu"`, the seed's variant) a GLU output projection.
+    The official Interlat release ends after the adaptive projection (`output_projection="none"`).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, dropout: float = 0.1):
+    def __init__(self, hidden_size: int, num_heads: int = 8, dropout: float = 0.1, output_projection: str = "glu"):
         super().__init__()
+        if output_projection not in HEAD_OUTPUT_PROJECTIONS:
+            raise ValueError(f"output_projection must be one of {HEAD_OUTPUT_PROJECTIONS}, not {output_projection!r}")
+        self.output_projection_kind = output_projection
         self.pre_ln = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.hidden_mha = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        # Attention dropout as in both public codes.
+        self.hidden_mha = nn.MultiheadAttention(hidden_size, num_heads, dropout=dropout, batch_first=True)
         self.post_ln = nn.LayerNorm(hidden_size, eps=1e-6)
         self.adaptive_proj = AdaptiveProjection(hidden_size)
-        self.output_projection = nn.Sequential(
-            nn.Linear(hidden_size, 2 * hidden_size),
-            nn.GLU(),
-            nn.LayerNorm(hidden_size),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_size, hidden_size),
-        )
+        if output_projection == "glu":
+            self.output_projection = nn.Sequential(
+                nn.Linear(hidden_size, 2 * hidden_size),
+                nn.GLU(),
+                nn.LayerNorm(hidden_size),
+                nn.Dropout(dropout),
+                nn.Linear(hidden_size, hidden_size),
+            )
+        else:
+            self.output_projection = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.pre_ln(x)  # [B, K, Ht]
@@ -970,57 +1002,170 @@ class HiddenStateHead(nn.Module):
         return self.output_projection(self.adaptive_proj(y))  # [B, K, Ht]
 
 
-def load_head_checkpoint(head: HiddenStateHead, path: str) -> None:
-    """Load `--hidden_head_ckpt`: a safetensors state dict, or a torch file of nested state dicts.
+@dataclass
+class HeadCheckpoint:
+    """A head file read into our parameter names, before any module exists.
+
+    `output_projection` is the variant the file holds ("glu" or "none"); `gains_only` marks the older
+    published files whose adaptive projection is two floats without an MLP."""
+
+    source: str  # how error messages name the file
+    state: dict[str, torch.Tensor]
+    output_projection: str
+    gains_only: bool = False
+    num_heads: int | None = None  # recorded by `save_head_checkpoint`; published files do not say
+
+
+def _renamed_legacy_head_keys(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, value in state.items():
+        for old, new in LEGACY_HEAD_KEY_PREFIXES.items():
+            if key.startswith(prefix + old):
+                key = prefix + new + key[len(prefix + old) :]
+        renamed[key] = value
+    return renamed
+
+
+def read_head_checkpoint(path: str, source: str | None = None) -> HeadCheckpoint:
+    """Read a head file: a safetensors state dict, or a torch file of nested state dicts.
 
     The nested format is that of published stage-1 heads: one state dict per submodule under `pre_ln`,
-    `post_ln`, `hidden_mha`, `output_projection` and `adaptive_proj`; older files hold the floats
-    `scale` / `output_scale` instead of `adaptive_proj`, and the adaptive MLP keeps its near-zero init.
-    Missing or unexpected keys are an error.
+    `post_ln`, `hidden_mha`, `adaptive_proj` (its MLP named `proj`, its gains 0-dim tensors) and, in the
+    seed's variant, `output_projection`; the official `hidden_mha_state.pt` has no `output_projection`.
+    Older files hold the floats `scale` / `output_scale` instead of `adaptive_proj`. Torch files are read
+    with `weights_only=True`.
     """
+    source = source or f"--hidden_head_ckpt {path}"
     if not os.path.isfile(path):
-        raise LatentCommError(f"--hidden_head_ckpt {path} does not exist")
+        raise LatentCommError(f"{source} does not exist")
+    gains_only, num_heads = False, None
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        state = load_file(path)
-        allowed_missing: set[str] = set()
+        try:
+            with safe_open(path, "pt") as f:
+                state = {key: f.get_tensor(key) for key in f.keys()}
+                metadata = f.metadata() or {}
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise LatentCommError(f"cannot read {source} as safetensors: {_first_line(err)}") from None
+        if metadata.get("head_num_heads", "").isdigit():
+            num_heads = int(metadata["head_num_heads"])
     else:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise LatentCommError(
-                f"cannot read --hidden_head_ckpt {path} as a weights-only torch file: {_first_line(err)}"
-            ) from None
+            raise LatentCommError(f"cannot read {source} as a weights-only torch file: {_first_line(err)}") from None
         if not isinstance(raw, dict):
-            raise LatentCommError(f"--hidden_head_ckpt {path} must hold a dict of state dicts")
-        state, allowed_missing = {}, set()
+            raise LatentCommError(f"{source} must hold a dict of state dicts")
+        state = {}
         for name, value in raw.items():
             if isinstance(value, dict):
                 state.update({f"{name}.{key}": tensor for key, tensor in value.items()})
-            elif name in ("scale", "output_scale"):
-                state[f"adaptive_proj.{name}"] = torch.as_tensor(float(value))
+            elif name in ("scale", "output_scale") and isinstance(value, (int, float, torch.Tensor)):
+                state[f"adaptive_proj.{name}"] = torch.as_tensor(value, dtype=torch.float32)
             else:
                 state[name] = value
-        if "adaptive_proj" not in raw:
-            allowed_missing = {key for key in head.state_dict() if key.startswith("adaptive_proj.mlp.")}
+        gains_only = "adaptive_proj" not in raw and "scale" in raw
+    state = _renamed_legacy_head_keys(state)
+    variant = "glu" if any(key.startswith("output_projection.") for key in state) else "none"
+    return HeadCheckpoint(source, state, variant, gains_only, num_heads)
+
+
+def check_head_checkpoint(checkpoint: HeadCheckpoint, head: HiddenStateHead) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict shaped for `head` (which may live on the meta device: only names and
+    shapes are read). Missing or unexpected keys, or other shapes, are one error that names them."""
     target = head.state_dict()
+    allowed_missing = {k for k in target if k.startswith("adaptive_proj.proj.")} if checkpoint.gains_only else set()
     # Published heads store the two gains as 0-dim tensors (or floats); ours are [1].
     state = {
-        k: v.reshape(target[k].shape) if k in target and v.numel() == target[k].numel() else v for k, v in state.items()
+        k: v.reshape(target[k].shape) if isinstance(v, torch.Tensor) and k in target and v.numel() == 1 else v
+        for k, v in checkpoint.state.items()
     }
-    expected = set(target)
-    missing = sorted(expected - set(state) - allowed_missing)
-    unexpected = sorted(set(state) - expected)
+    missing = sorted(set(target) - set(state) - allowed_missing)
+    unexpected = sorted(set(state) - set(target))
     if missing or unexpected:
         raise LatentCommError(
-            f"--hidden_head_ckpt {path} does not match HiddenStateHead: missing keys {missing}, unexpected keys "
-            f"{unexpected}"
+            f"{checkpoint.source} does not match HiddenStateHead: missing keys {missing}, unexpected keys {unexpected}"
         )
-    try:
-        head.load_state_dict(state, strict=not allowed_missing)
-    except RuntimeError as err:
-        raise LatentCommError(f"--hidden_head_ckpt {path}: {str(err).splitlines()[0]} (check --head_* flags)") from None
+    wrong = [
+        f"{k} {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__} != {tuple(target[k].shape)}"
+        for k, v in state.items()
+        if not isinstance(v, torch.Tensor) or v.shape != target[k].shape
+    ]
+    if wrong:
+        raise LatentCommError(
+            f"{checkpoint.source} holds a head of other shapes ({'; '.join(wrong[:3])}): was it made for a teacher "
+            "of another width?"
+        )
+    if checkpoint.num_heads is not None and checkpoint.num_heads != head.hidden_mha.num_heads:
+        raise LatentCommError(
+            f"{checkpoint.source} was trained with --head_num_heads {checkpoint.num_heads}, not "
+            f"{head.hidden_mha.num_heads}: pass --head_num_heads {checkpoint.num_heads}"
+        )
+    return state
+
+
+def load_head_state(head: HiddenStateHead, checkpoint: HeadCheckpoint) -> None:
+    """Copy a checked head file into `head`. An older gains-only file gets a zero MLP output, so that the
+    head computes exactly what the file's head did (`y * scale * output_scale`) and can still learn it."""
+    state = check_head_checkpoint(checkpoint, head)
+    head.load_state_dict(state, strict=not checkpoint.gains_only)
+    if checkpoint.gains_only:
+        with torch.no_grad():
+            head.adaptive_proj.proj[3].weight.zero_()
+            head.adaptive_proj.proj[3].bias.zero_()
+
+
+def load_head_checkpoint(head: HiddenStateHead, path: str) -> None:
+    """Load `--hidden_head_ckpt` (any layout of `read_head_checkpoint`) into an existing head."""
+    load_head_state(head, read_head_checkpoint(path))
+
+
+def save_head_checkpoint(head: HiddenStateHead, path: str) -> None:
+    """Write the head as a safetensors state dict that `--hidden_head_ckpt` reads (its key names are the
+    published ones); the variant and head count go into the file's metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    metadata = {
+        "format": "pt",
+        "head_output_projection": head.output_projection_kind,
+        "head_num_heads": str(head.hidden_mha.num_heads),
+    }
+    save_file(state, path, metadata=metadata)
+
+
+def resolve_head_output_projection(requested: str, checkpoint: HeadCheckpoint | None) -> str:
+    """`--head_output_projection`: `auto` follows the head file, and is the seed's GLU variant without one."""
+    if checkpoint is None:
+        return "glu" if requested == "auto" else requested
+    if requested not in ("auto", checkpoint.output_projection):
+        has = "has a" if checkpoint.output_projection == "glu" else "has no"
+        raise LatentCommError(
+            f"--head_output_projection {requested}, but {checkpoint.source} {has} GLU output projection: pass "
+            f"--head_output_projection auto (or {checkpoint.output_projection})"
+        )
+    return checkpoint.output_projection
+
+
+def initial_head_checkpoint(model_args: ModelArguments, latent_args: LatentArguments) -> HeadCheckpoint | None:
+    """The head file a run starts from: `--hidden_head_ckpt`, else the official pipeline's stage-1 head,
+    `hidden_mha_state.pt`, when the teacher is a local directory that has one (unless
+    `--ignore_teacher_dir_head`). Read, not yet loaded: no module exists at this point."""
+    if latent_args.hidden_head_ckpt:
+        return read_head_checkpoint(latent_args.hidden_head_ckpt)
+    teacher = model_args.teacher_model_name_or_path
+    path = os.path.join(teacher, TEACHER_DIR_HEAD_NAME) if teacher and os.path.isdir(teacher) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    if latent_args.ignore_teacher_dir_head:
+        logger.info("Not using %s (--ignore_teacher_dir_head): the head starts from random weights.", path)
+        return None
+    logger.info(
+        "Using the head in the teacher's directory, %s, as --hidden_head_ckpt (--ignore_teacher_dir_head skips it).",
+        path,
+    )
+    return read_head_checkpoint(path, f"{path} (found in the teacher's directory; --ignore_teacher_dir_head skips it)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1301,6 +1446,7 @@ class LatentCommModel(nn.Module):
         settings: LatentSettings,
         head_num_heads: int = 8,
         head_dropout: float = 0.1,
+        head_output_projection: str = "glu",
     ):
         super().__init__()
         self.teacher = teacher
@@ -1313,7 +1459,7 @@ class LatentCommModel(nn.Module):
         self.student_proj = (
             nn.Linear(student_hidden, teacher_hidden) if student_hidden != teacher_hidden else nn.Identity()
         )
-        self.head = HiddenStateHead(teacher_hidden, head_num_heads, head_dropout)
+        self.head = HiddenStateHead(teacher_hidden, head_num_heads, head_dropout, head_output_projection)
 
         self.teacher.requires_grad_(False)
         self.teacher.eval()
@@ -1915,7 +2061,7 @@ def load_trained_parts(model: LatentCommModel, checkpoint_dir: str) -> None:
             f"student weights in {checkpoint_dir} do not match: missing {sorted(set(result.missing_keys) - tied)}, "
             f"unexpected {result.unexpected_keys}"
         )
-    latent_state = load_file(os.path.join(checkpoint_dir, LATENT_MODULES_NAME))
+    latent_state = _renamed_legacy_head_keys(load_file(os.path.join(checkpoint_dir, LATENT_MODULES_NAME)), "head.")
     expected = {k for k in model.state_dict() if k.startswith(LATENT_MODULE_PREFIXES)}
     if set(latent_state) != expected:
         raise LatentCommError(
@@ -1985,7 +2131,11 @@ def load_latent_model(
         os.path.join(output_dir, STUDENT_DIR), dtype=torch.float32, **load_kwargs
     )
     settings = LatentSettings(**config["settings"])
-    model = LatentCommModel(teacher, student, settings, config["head_num_heads"], config["head_dropout"])
+    # Configs written before the head had a variant hold the seed's GLU head.
+    head_output_projection = config.get("head_output_projection", "glu")
+    model = LatentCommModel(
+        teacher, student, settings, config["head_num_heads"], config["head_dropout"], head_output_projection
+    )
     load_trained_parts(model, output_dir)
     return model.eval(), LatentRun(settings, teacher_tokenizer, student_tokenizer, config)
 
@@ -2121,12 +2271,26 @@ def _init_marker_rows(teacher: nn.Module, new_marker_ids: list[int], n_original:
 
 
 def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_marker_ids) -> LatentCommModel:
+    # The head file is read and checked against the head's shapes (on the meta device) before any weights load.
+    remote = model_args.trust_remote_code
+    teacher_config = AutoConfig.from_pretrained(model_args.teacher_model_name_or_path, trust_remote_code=remote)
+    teacher_hidden = _hidden_size(teacher_config)
+    if teacher_hidden % latent_args.head_num_heads:
+        raise LatentCommError(
+            f"--head_num_heads {latent_args.head_num_heads} must divide the teacher hidden size {teacher_hidden}"
+        )
+    head_checkpoint = initial_head_checkpoint(model_args, latent_args)
+    head_output_projection = resolve_head_output_projection(latent_args.head_output_projection, head_checkpoint)
+    if head_checkpoint is not None:
+        with torch.device("meta"):
+            head_shapes = HiddenStateHead(teacher_hidden, latent_args.head_num_heads, 0.0, head_output_projection)
+        check_head_checkpoint(head_checkpoint, head_shapes)
+
     attn = choose_attn_implementation(model_args.attn_implementation)
     # The student keeps float32 weights (trained under autocast); flash-attention needs half weights, so the
     # student uses sdpa unless a kernel was asked for.
     student_attn = model_args.attn_implementation or "sdpa"
     logger.info("Attention: teacher %s, student %s.", attn, student_attn)
-    remote = model_args.trust_remote_code
     try:
         teacher = AutoModelForCausalLM.from_pretrained(
             model_args.teacher_model_name_or_path,
@@ -2149,11 +2313,6 @@ def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_
         teacher.resize_token_embeddings(len(teacher_tokenizer), mean_resizing=False)
     _init_marker_rows(teacher, new_marker_ids, n_original)
 
-    teacher_hidden = _hidden_size(teacher.config)
-    if teacher_hidden % latent_args.head_num_heads:
-        raise LatentCommError(
-            f"--head_num_heads {latent_args.head_num_heads} must divide the teacher hidden size {teacher_hidden}"
-        )
     vocab = teacher_tokenizer.get_vocab()
     settings = LatentSettings(
         K=latent_args.K,
@@ -2168,10 +2327,14 @@ def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_
         kl_weighting=latent_args.kl_weighting,
         logit_chunk_rows=latent_args.logit_chunk_rows,
     )
-    model = LatentCommModel(teacher, student, settings, latent_args.head_num_heads, latent_args.head_dropout)
-    if latent_args.hidden_head_ckpt:
-        load_head_checkpoint(model.head, latent_args.hidden_head_ckpt)
-        logger.info("Loaded HiddenStateHead from %s.", latent_args.hidden_head_ckpt)
+    model = LatentCommModel(
+        teacher, student, settings, latent_args.head_num_heads, latent_args.head_dropout, head_output_projection
+    )
+    if head_checkpoint is not None:
+        load_head_state(model.head, head_checkpoint)
+        logger.info(
+            "HiddenStateHead (output projection %s) loaded from %s.", head_output_projection, head_checkpoint.source
+        )
     if latent_args.freeze_head:
         model.head.requires_grad_(False)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -2196,6 +2359,7 @@ def run_config(model_args, data_args, latent_args, model: LatentCommModel) -> di
         "eop_token": EOP_TOKEN,
         "head_num_heads": latent_args.head_num_heads,
         "head_dropout": latent_args.head_dropout,
+        "head_output_projection": model.head.output_projection_kind,
         "settings": dataclasses.asdict(model.settings),
         "teacher_dtype": str(model.teacher.dtype).removeprefix("torch."),
     }
@@ -2437,6 +2601,9 @@ def check_resume_compatible(checkpoint_dir: str, config: dict[str, Any]) -> None
     saved = json.loads(Path(checkpoint_dir, LATENT_CONFIG_NAME).read_text())
     keys = ("teacher_hidden_size", "student_hidden_size", "head_num_heads")
     different = [f"{k} {saved.get(k)} != {config[k]}" for k in keys if saved.get(k) != config[k]]
+    saved_head = saved.get("head_output_projection", "glu")  # runs saved before the variant existed: glu
+    if saved_head != config["head_output_projection"]:
+        different.append(f"head_output_projection {saved_head} != {config['head_output_projection']}")
     for k in ("K", "bop_id", "eop_id"):
         if saved.get("settings", {}).get(k) != config["settings"][k]:
             different.append(f"{k} {saved.get('settings', {}).get(k)} != {config['settings'][k]}")
