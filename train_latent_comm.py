@@ -144,6 +144,23 @@ class ModelArguments:
         default=False,
         metadata={"help": "Allow custom modelling code from the model repositories (off unless you opt in)."},
     )
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank of the student's adapters (peft). 0 trains the whole student; above 0 its weights stay "
+            "frozen and only the adapters learn (the bridge and the head are always trained in full)."
+        },
+    )
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling: the adapters' output is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the input of the LoRA adapters."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={
+            "help": "Student modules that get adapters: comma-separated module names (e.g. 'q_proj,v_proj'), or "
+            "'all-linear': every Linear layer but the vocabulary head (for Qwen and Llama, q/k/v/o_proj of "
+            "attention and gate/up/down_proj of the MLP)."
+        },
+    )
 
 
 @dataclass
@@ -402,13 +419,27 @@ def parse_args(argv: Sequence[str] | None = None):
         missing = [name for name in REQUIRED_ARGUMENTS if given[name] is None]
         if missing:
             raise LatentCommError("Missing required arguments: " + ", ".join(f"--{name}" for name in missing))
-    validate_args(data_args, latent_args, training_args)
+    validate_args(data_args, latent_args, training_args, model_args)
     return model_args, data_args, latent_args, training_args
 
 
-def validate_args(data_args: DataArguments, latent_args: LatentArguments, training_args: TrainingArguments):
+def validate_args(
+    data_args: DataArguments,
+    latent_args: LatentArguments,
+    training_args: TrainingArguments,
+    model_args: ModelArguments | None = None,
+):
     """Collect every inconsistent flag and raise once."""
     problems = []
+    if model_args is not None:
+        if model_args.lora_r < 0:
+            problems.append("--lora_r must be 0 (full fine-tuning) or a positive rank")
+        if model_args.lora_r and model_args.lora_alpha <= 0:
+            problems.append("--lora_alpha must be positive")
+        if model_args.lora_r and not 0 <= model_args.lora_dropout < 1:
+            problems.append("--lora_dropout must be in [0, 1)")
+        if model_args.lora_r and not lora_target_modules(model_args):
+            problems.append("--lora_target_modules names no module (e.g. 'all-linear' or 'q_proj,v_proj')")
     if latent_args.K < 1:
         problems.append("--K must be at least 1")
     if data_args.model_max_length < latent_args.K + 4:
@@ -433,6 +464,13 @@ def validate_args(data_args: DataArguments, latent_args: LatentArguments, traini
         problems.append("--logit_chunk_rows must be 0 (automatic) or positive")
     if training_args.bf16 and training_args.fp16:
         problems.append("--bf16 and --fp16 are mutually exclusive")
+    checkpointing_kwargs = getattr(training_args, "activation_checkpointing_kwargs", None)
+    if isinstance(checkpointing_kwargs, dict) and checkpointing_kwargs.get("use_reentrant"):
+        # Measured: reentrant replays lose or change the student's gradients through the prefill's KV cache.
+        problems.append(
+            "--gradient_checkpointing_kwargs use_reentrant true is not supported: the student's rollout reuses "
+            "the KV cache of checkpointed layers, which needs non-reentrant checkpointing (leave it out)"
+        )
     if problems:
         raise LatentCommError("; ".join(problems))
 
@@ -1483,7 +1521,9 @@ class LatentCommModel(nn.Module):
         return self
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
-        kwargs = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
+        # Non-reentrant only (validate_args): it gives gradients to parameters inside a checkpointed layer even
+        # when the layer's input has none, as a LoRA student's prefill over frozen embeddings does.
+        kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False}
         for model in (self.teacher, self.student):
             model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
@@ -1916,7 +1956,7 @@ class LatentCommTrainer(Trainer):
         # The Trainer would consolidate every parameter, the frozen teacher's included, on rank 0 at every
         # save; gather only what is written. Collective: every rank runs it.
         model = self.accelerator.unwrap_model(self.model)
-        state_dict, marker_rows = _gather_zero3_trained_parts(model)
+        state_dict, marker_rows = _gather_zero3_trained_parts(model, keep=self.args.should_save)
         if self.args.should_save:
             save_trained_parts(model, self.latent_run, output_dir or self.args.output_dir, state_dict, marker_rows)
 
@@ -2004,7 +2044,10 @@ def save_trained_parts(
     os.makedirs(output_dir, exist_ok=True)
     full = state_dict if state_dict is not None else model.state_dict()
     student_state = {k[len("student.") :]: v for k, v in full.items() if k.startswith("student.")}
-    model.student.save_pretrained(os.path.join(output_dir, STUDENT_DIR), state_dict=student_state)
+    # A LoRA student saves its adapters only (adapter_config.json, adapter_model.safetensors); peft picks them
+    # out of the state dict. Its embeddings are frozen base weights: not saved (and no Hub lookup to decide).
+    lora = dict(save_embedding_layers=False) if is_lora_student(model.student) else {}
+    model.student.save_pretrained(os.path.join(output_dir, STUDENT_DIR), state_dict=student_state, **lora)
     run.student_tokenizer.save_pretrained(os.path.join(output_dir, STUDENT_DIR))
     latent_state = {k: v.detach().cpu().contiguous() for k, v in full.items() if k.startswith(LATENT_MODULE_PREFIXES)}
     save_file(latent_state, os.path.join(output_dir, LATENT_MODULES_NAME), metadata={"format": "pt"})
@@ -2016,24 +2059,24 @@ def save_trained_parts(
     Path(output_dir, LATENT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _gather_zero3_trained_parts(model: LatentCommModel) -> tuple[dict | None, dict | None]:
-    """Under ZeRO-3, gather everything but the teacher (one parameter at a time) and the teacher's marker
-    rows onto rank 0. Every rank must call it; other ranks get `(None, None)`."""
+def _gather_zero3_trained_parts(model: LatentCommModel, keep: bool) -> tuple[dict | None, dict | None]:
+    """Under ZeRO-3, gather everything that is saved (not the teacher, nor a LoRA student's base weights) one
+    parameter at a time, and the teacher's marker rows. Every rank must call it; the ranks that write
+    (`keep`: rank 0, or each node's first rank with --save_on_each_node) get copies, the others `(None, None)`."""
     import deepspeed
-    import torch.distributed as dist
 
-    on_rank0 = dist.get_rank() == 0
+    lora = is_lora_student(model.student)
     state = {}
     for name, param in model.named_parameters():
-        if name.startswith("teacher."):
+        if name.startswith("teacher.") or (lora and name.startswith("student.") and not param.requires_grad):
             continue
         with deepspeed.zero.GatheredParameters([param]):
-            if on_rank0:
+            if keep:
                 state[name] = param.detach().cpu().clone()
     embeddings = [model.teacher.get_input_embeddings().weight, model.teacher.get_output_embeddings().weight]
     with deepspeed.zero.GatheredParameters(embeddings):
-        markers = _marker_rows(model.teacher, model.settings) if on_rank0 else None
-    return (state, markers) if on_rank0 else (None, None)
+        markers = _marker_rows(model.teacher, model.settings) if keep else None
+    return (state, markers) if keep else (None, None)
 
 
 def _read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
@@ -2052,15 +2095,38 @@ def load_trained_parts(model: LatentCommModel, checkpoint_dir: str) -> None:
     """Load what `save_trained_parts` wrote into an existing model (resume, best model, reload)."""
     from safetensors.torch import load_file
 
-    student_state = _read_safetensors_dir(os.path.join(checkpoint_dir, STUDENT_DIR))
-    with _gathered_for_update(list(model.student.parameters())):
-        result = model.student.load_state_dict(student_state, strict=False)
-    tied = {k for k in result.missing_keys if _is_tied_key(model.student, k)}
-    if set(result.missing_keys) - tied or result.unexpected_keys:
+    student_dir = os.path.join(checkpoint_dir, STUDENT_DIR)
+    saved_lora = Path(student_dir, "adapter_config.json").is_file()
+    if saved_lora != is_lora_student(model.student):
+        saved, wanted = ("LoRA adapters", "a full student") if saved_lora else ("a full student", "LoRA adapters")
         raise LatentCommError(
-            f"student weights in {checkpoint_dir} do not match: missing {sorted(set(result.missing_keys) - tied)}, "
-            f"unexpected {result.unexpected_keys}"
+            f"{checkpoint_dir} holds {saved}, but this model has {wanted}: use the --lora_* flags of that run"
         )
+    student_state = _read_safetensors_dir(student_dir)
+    if saved_lora:
+        from peft import set_peft_model_state_dict
+
+        adapters = [p for n, p in model.student.named_parameters() if "lora_" in n]
+        mismatch = f"LoRA adapters in {checkpoint_dir} do not match the student (check --lora_r, --lora_target_modules)"
+        try:
+            with _gathered_for_update(adapters):
+                result = set_peft_model_state_dict(model.student, student_state)
+        except RuntimeError as err:  # other shapes: another rank
+            raise LatentCommError(f"{mismatch}: {_first_line(err)}") from None
+        # The base weights are not in the file: only missing adapter weights are a mismatch.
+        missing = sorted(k for k in result.missing_keys if "lora_" in k)
+        if missing or result.unexpected_keys:
+            unexpected = sorted(result.unexpected_keys)
+            raise LatentCommError(f"{mismatch}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    else:
+        with _gathered_for_update(list(model.student.parameters())):
+            result = model.student.load_state_dict(student_state, strict=False)
+        tied = {k for k in result.missing_keys if _is_tied_key(model.student, k)}
+        if set(result.missing_keys) - tied or result.unexpected_keys:
+            raise LatentCommError(
+                f"student weights in {checkpoint_dir} do not match: missing {sorted(set(result.missing_keys) - tied)}, "
+                f"unexpected {result.unexpected_keys}"
+            )
     latent_state = _renamed_legacy_head_keys(load_file(os.path.join(checkpoint_dir, LATENT_MODULES_NAME)), "head.")
     expected = {k for k in model.state_dict() if k.startswith(LATENT_MODULE_PREFIXES)}
     if set(latent_state) != expected:
@@ -2104,12 +2170,14 @@ def load_latent_model(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    student_base_model_name_or_path: str | None = None,
 ) -> tuple[LatentCommModel, LatentRun]:
     """Rebuild a trained model from an output directory (or checkpoint) plus the teacher's weights.
 
     The teacher comes from `teacher_model_name_or_path`, else from the path recorded at training time,
-    in `dtype`, else in the dtype it was trained with. Returns the model in eval mode and the run
-    (tokenizers, settings, config).
+    in `dtype`, else in the dtype it was trained with. A LoRA run's student is its recorded base model
+    (or `student_base_model_name_or_path`) with the saved adapters. Returns the model in eval mode and the
+    run (tokenizers, settings, config).
     """
     config_path = Path(output_dir, LATENT_CONFIG_NAME)
     if not config_path.is_file():
@@ -2127,9 +2195,16 @@ def load_latent_model(
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, **load_kwargs)
     if len(teacher_tokenizer) > teacher.get_input_embeddings().num_embeddings:
         teacher.resize_token_embeddings(len(teacher_tokenizer), mean_resizing=False)
-    student = AutoModelForCausalLM.from_pretrained(
-        os.path.join(output_dir, STUDENT_DIR), dtype=torch.float32, **load_kwargs
-    )
+    student_dir = os.path.join(output_dir, STUDENT_DIR)
+    lora = config.get("lora")
+    if lora:
+        from peft import LoraConfig
+
+        base = student_base_model_name_or_path or lora["base_model_name_or_path"]
+        student = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **load_kwargs)
+        student = _wrap_with_adapters(student, LoraConfig.from_pretrained(student_dir))
+    else:
+        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32, **load_kwargs)
     settings = LatentSettings(**config["settings"])
     # Configs written before the head had a variant hold the seed's GLU head.
     head_output_projection = config.get("head_output_projection", "glu")
@@ -2270,6 +2345,52 @@ def _init_marker_rows(teacher: nn.Module, new_marker_ids: list[int], n_original:
             weight[new_marker_ids] = weight[:n_original].float().mean(0).to(weight.dtype)
 
 
+def lora_target_modules(model_args: ModelArguments) -> str | list[str]:
+    names = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+    return "all-linear" if names == ["all-linear"] else names
+
+
+def add_lora_adapters(student: nn.Module, model_args: ModelArguments) -> nn.Module:
+    """Wrap the student in LoRA adapters (peft). Its weights freeze, a tied embedding included; the adapters
+    train. peft swaps the targeted layers for adapter layers inside the student, so the rollout's direct calls
+    into its decoder and input embeddings run through the adapters."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=lora_target_modules(model_args),
+        bias="none",
+    )
+    try:
+        return _wrap_with_adapters(student, config)
+    except ValueError as err:  # e.g. "Target modules {...} not found in the base model"
+        raise LatentCommError(
+            f"--lora_target_modules {model_args.lora_target_modules}: {_first_line(err)} (name the student's Linear "
+            "modules, or use all-linear)"
+        ) from None
+
+
+def _wrap_with_adapters(student: nn.Module, lora_config) -> nn.Module:
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():  # peft 0.21 reads a property that transformers 5 deprecates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(student, lora_config)
+
+
+def is_lora_student(student: nn.Module) -> bool:
+    return hasattr(student, "peft_config") and hasattr(student, "get_base_model")
+
+
+def _model_source(name_or_path: str | None) -> str | None:
+    """A local directory as an absolute path (the run can be reloaded from anywhere); a Hub id as given."""
+    return os.path.abspath(name_or_path) if name_or_path and os.path.isdir(name_or_path) else name_or_path
+
+
 def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_marker_ids) -> LatentCommModel:
     # The head file is read and checked against the head's shapes (on the meta device) before any weights load.
     remote = model_args.trust_remote_code
@@ -2292,16 +2413,19 @@ def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_
     student_attn = model_args.attn_implementation or "sdpa"
     logger.info("Attention: teacher %s, student %s.", attn, student_attn)
     try:
-        teacher = AutoModelForCausalLM.from_pretrained(
-            model_args.teacher_model_name_or_path,
-            dtype=teacher_dtype(training_args),
-            attn_implementation=attn,
-            trust_remote_code=remote,
-        )
+        # The student first: its LoRA adapters are checked before the (larger) teacher loads.
         student = AutoModelForCausalLM.from_pretrained(
             model_args.student_model_name_or_path,
             dtype=torch.float32,
             attn_implementation=student_attn,
+            trust_remote_code=remote,
+        )
+        if model_args.lora_r:
+            student = add_lora_adapters(student, model_args)
+        teacher = AutoModelForCausalLM.from_pretrained(
+            model_args.teacher_model_name_or_path,
+            dtype=teacher_dtype(training_args),
+            attn_implementation=attn,
             trust_remote_code=remote,
         )
     except (OSError, ValueError, ImportError) as err:
@@ -2337,14 +2461,41 @@ def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_
         )
     if latent_args.freeze_head:
         model.head.requires_grad_(False)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_teacher = sum(p.numel() for p in teacher.parameters())
-    logger.info("Trainable parameters: %.1fM; frozen teacher: %.1fM.", n_trainable / 1e6, n_teacher / 1e6)
+    log_parameter_counts(model)
     return model
+
+
+def log_parameter_counts(model: LatentCommModel) -> None:
+    def count(module, trainable):
+        # ds_numel: the full size of a parameter that ZeRO-3 has partitioned.
+        return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad == trainable)
+
+    n_trainable = count(model, True)
+    n_student_trained, n_student_frozen = count(model.student, True), count(model.student, False)
+    n_teacher = count(model.teacher, False)
+    student = "LoRA adapters" if is_lora_student(model.student) else "student"
+    logger.info(
+        "Trainable parameters: %s (%s %s, bridge and head %s); frozen: student %s, teacher %s.",
+        f"{n_trainable:,}",
+        student,
+        f"{n_student_trained:,}",
+        f"{n_trainable - n_student_trained:,}",
+        f"{n_student_frozen:,}",
+        f"{n_teacher:,}",
+    )
 
 
 def run_config(model_args, data_args, latent_args, model: LatentCommModel) -> dict[str, Any]:
     """The contents of latent_config.json: what `load_latent_model` needs to rebuild the run."""
+    lora = None
+    if model_args.lora_r:  # student/ then holds the adapters only: the base weights are read from here
+        lora = {
+            "base_model_name_or_path": _model_source(model_args.student_model_name_or_path),
+            "r": model_args.lora_r,
+            "alpha": model_args.lora_alpha,
+            "dropout": model_args.lora_dropout,
+            "target_modules": model_args.lora_target_modules,
+        }
     return {
         "format_version": 1,
         "teacher_model_name_or_path": model_args.teacher_model_name_or_path,
@@ -2360,6 +2511,7 @@ def run_config(model_args, data_args, latent_args, model: LatentCommModel) -> di
         "head_num_heads": latent_args.head_num_heads,
         "head_dropout": latent_args.head_dropout,
         "head_output_projection": model.head.output_projection_kind,
+        "lora": lora,
         "settings": dataclasses.asdict(model.settings),
         "teacher_dtype": str(model.teacher.dtype).removeprefix("torch."),
     }
@@ -2601,6 +2753,9 @@ def check_resume_compatible(checkpoint_dir: str, config: dict[str, Any]) -> None
     saved = json.loads(Path(checkpoint_dir, LATENT_CONFIG_NAME).read_text())
     keys = ("teacher_hidden_size", "student_hidden_size", "head_num_heads")
     different = [f"{k} {saved.get(k)} != {config[k]}" for k in keys if saved.get(k) != config[k]]
+    saved_rank, rank = (saved.get("lora") or {}).get("r", 0), (config.get("lora") or {}).get("r", 0)
+    if saved_rank != rank:
+        different.append(f"lora_r {saved_rank} != {rank}")
     saved_head = saved.get("head_output_projection", "glu")  # runs saved before the variant existed: glu
     if saved_head != config["head_output_projection"]:
         different.append(f"head_output_projection {saved_head} != {config['head_output_projection']}")
