@@ -1929,11 +1929,22 @@ class LatentCommTrainer(Trainer):
         # DeepSpeed's own checkpoint would also hold every frozen teacher parameter (15 GB for a 7B
         # teacher, at every save): keep only the trained ones, which is all that resuming needs.
         engine = self.model_wrapped
+        frozen = [name for name, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+        def trained_module_state(*args, **kwargs):
+            state = type(engine).module_state_dict(engine, *args, **kwargs)
+            # DeepSpeed drops a frozen parameter under its first name only: a tied alias (lm_head.weight of a
+            # model with tied embeddings, such as a LoRA student) would carry the embedding matrix along.
+            for name in frozen:
+                state.pop(name, None)
+            return state
+
         engine.save_checkpoint = functools.partial(type(engine).save_checkpoint, engine, exclude_frozen_parameters=True)
+        engine.module_state_dict = trained_module_state
         try:
             super()._save_optimizer_and_scheduler(output_dir)
         finally:
-            del engine.save_checkpoint
+            del engine.save_checkpoint, engine.module_state_dict
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         if not (self.is_deepspeed_enabled and resume_from_checkpoint):
@@ -2047,7 +2058,8 @@ def save_trained_parts(
     # A LoRA student saves its adapters only (adapter_config.json, adapter_model.safetensors); peft picks them
     # out of the state dict. Its embeddings are frozen base weights: not saved (and no Hub lookup to decide).
     lora = dict(save_embedding_layers=False) if is_lora_student(model.student) else {}
-    model.student.save_pretrained(os.path.join(output_dir, STUDENT_DIR), state_dict=student_state, **lora)
+    with _writes_on_any_rank(model.student):
+        model.student.save_pretrained(os.path.join(output_dir, STUDENT_DIR), state_dict=student_state, **lora)
     run.student_tokenizer.save_pretrained(os.path.join(output_dir, STUDENT_DIR))
     latent_state = {k: v.detach().cpu().contiguous() for k, v in full.items() if k.startswith(LATENT_MODULE_PREFIXES)}
     save_file(latent_state, os.path.join(output_dir, LATENT_MODULES_NAME), metadata={"format": "pt"})
@@ -2057,6 +2069,21 @@ def save_trained_parts(
     run.teacher_tokenizer.save_pretrained(os.path.join(output_dir, TEACHER_TOKENIZER_DIR))
     config = {**run.config, "versions": library_versions()}
     Path(output_dir, LATENT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def _writes_on_any_rank(model: nn.Module):
+    """transformers 5's `save_pretrained` writes the weights only on global rank 0 once torch.distributed is
+    up, which leaves the other nodes' copies empty under --save_on_each_node. Our callers have already chosen
+    the writing processes (`should_save`), so every caller writes."""
+    if is_lora_student(model):  # peft writes wherever it is called
+        yield
+        return
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        del model.should_save_on_this_rank
 
 
 def _gather_zero3_trained_parts(model: LatentCommModel, keep: bool) -> tuple[dict | None, dict | None]:
@@ -2730,6 +2757,68 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     return resume
 
 
+def check_output_dir_across_nodes(training_args: TrainingArguments, resume: str | None) -> None:
+    """Multi-node runs: find out whether the nodes share `output_dir`, and make the writers fit.
+
+    Every node's first process drops a probe file into `output_dir` and counts the probes it sees: all of
+    them (a shared filesystem) or only its own (node-local disks); anything in between is an error. Without
+    --save_on_each_node the main process writes alone, so the other nodes must see its files (resume and
+    `load_best_model_at_end` read them on every rank): node-local disks are an error now, not a crash at
+    the end. With --save_on_each_node on a shared filesystem the nodes' writers would write and rename the
+    same checkpoint at once, so the main process writes alone there too. Also checks that all processes
+    resume from the same step (each node finds the newest checkpoint on its own disk)."""
+    import uuid
+
+    import torch.distributed as dist
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    if training_args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    token = broadcast_object_list([uuid.uuid4().hex])[0]  # the main process's token, on every process
+    output_dir = Path(training_args.output_dir)
+    probe = output_dir / f".node-probe-{token}-{training_args.process_index}"
+    node_first = training_args.local_process_index == 0
+    if node_first:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+    dist.barrier()
+    seen = len(list(output_dir.glob(f".node-probe-{token}-*"))) if node_first else 0
+    dist.barrier()
+    if node_first:
+        probe.unlink()
+    views = gather_object([(seen, Path(resume).name if resume else None)])  # one (count, step) per process
+    n_nodes = sum(1 for count, _ in views if count)
+    counts = {count for count, _ in views if count}
+    steps = {name for _, name in views}
+    if len(steps) > 1:
+        raise LatentCommError(
+            f"the processes would resume from different checkpoints ({sorted(map(str, steps))}): each node found "
+            "the newest complete checkpoint in its own --output_dir; pass --resume_from_checkpoint with one that "
+            "every node has"
+        )
+    if n_nodes == 1:
+        return
+    if counts == {n_nodes}:  # one directory, seen by every node
+        if training_args.save_on_each_node:
+            logger.info("--save_on_each_node: every node sees the same --output_dir, so the main process writes it.")
+            training_args.save_on_each_node = False
+            ds_config = getattr(training_args, "hf_deepspeed_config", None)
+            if ds_config is not None:
+                ds_config.config.setdefault("checkpoint", {})["use_node_local_storage"] = False
+        return
+    if counts != {1}:
+        raise LatentCommError(
+            f"--output_dir {output_dir} is shared by some of the {n_nodes} nodes but not all: use one directory "
+            "on a filesystem that every node sees, or node-local directories with --save_on_each_node"
+        )
+    if not training_args.save_on_each_node:
+        raise LatentCommError(
+            f"--output_dir {output_dir} is not shared between the {n_nodes} nodes (each sees only its own files): "
+            "put it on a shared filesystem, or pass --save_on_each_node so that every node keeps its own copy"
+        )
+    logger.info("--save_on_each_node: each of the %d nodes writes checkpoints to its own --output_dir.", n_nodes)
+
+
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     names = (LATENT_CONFIG_NAME, LATENT_MODULES_NAME, TEACHER_MARKERS_NAME, TRAINER_STATE_NAME)
     return all(Path(path, name).is_file() for name in names) and Path(path, STUDENT_DIR).is_dir()
@@ -2799,6 +2888,7 @@ def run_training(model_args, data_args, latent_args, training_args, callbacks=No
         model_args, data_args, latent_args, training_args, teacher_tokenizer, student_tokenizer
     )
     resume = resolve_resume(training_args)
+    check_output_dir_across_nodes(training_args, resume)
     transformers.set_seed(training_args.seed)  # the bridge and head initialisation depend on it
     model = build_models(model_args, latent_args, training_args, teacher_tokenizer, new_marker_ids)
     run = LatentRun(

@@ -212,5 +212,6 @@ def test_zero3_lora_saves_adapters_only_and_reloads(assets, tmp_path):
     assert states
     for path in states:
         saved = torch.load(path, map_location="cpu", weights_only=True)["module"]
-        assert all("lora_" in k or k.startswith(LATENT_PREFIXES) for k in saved), sorted(saved)[:5]
+        others = [k for k in saved if "lora_" not in k and not k.startswith(LATENT_PREFIXES)]
+        assert not others, others  # e.g. the tied lm_head.weight alias of the frozen embedding
     assert_reloaded_model_reproduces_eval(assets, out, tmp_path, *SPLIT)
