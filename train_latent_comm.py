@@ -31,6 +31,16 @@ DeepSpeed ZeRO-2 / ZeRO-3::
 
     deepspeed --num_gpus 8 train_latent_comm.py <same flags> --deepspeed configs/ds_z3.json
 
+Two nodes (the same command on each; add --save_on_each_node without a shared filesystem; README: "Several
+nodes" also has the deepspeed hostfile and SLURM recipes)::
+
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node1:29500 \
+        --rdzv_id run1 train_latent_comm.py <same flags>
+
+A LoRA student (adapters on every Linear layer; the bridge and head stay fully trained)::
+
+    python train_latent_comm.py <same flags> --lora_r 16 --lora_alpha 32
+
 From a YAML or JSON config (flags given after the file override it)::
 
     python train_latent_comm.py configs/example_run.yaml --learning_rate 2e-5
@@ -1115,8 +1125,9 @@ def check_head_checkpoint(checkpoint: HeadCheckpoint, head: HiddenStateHead) -> 
     target = head.state_dict()
     allowed_missing = {k for k in target if k.startswith("adaptive_proj.proj.")} if checkpoint.gains_only else set()
     # Published heads store the two gains as 0-dim tensors (or floats); ours are [1].
+    gains = {k for k, v in target.items() if v.numel() == 1}
     state = {
-        k: v.reshape(target[k].shape) if isinstance(v, torch.Tensor) and k in target and v.numel() == 1 else v
+        k: v.reshape(target[k].shape) if k in gains and isinstance(v, torch.Tensor) and v.numel() == 1 else v
         for k, v in checkpoint.state.items()
     }
     missing = sorted(set(target) - set(state) - allowed_missing)
