@@ -1,6 +1,8 @@
 """Two "nodes" of one process each on this machine: two torchrun launches joined by a c10d rendezvous on
-127.0.0.1 (CPU, gloo). They train, write each checkpoint once (one writer per output directory, with and
-without --save_on_each_node), and resume from node-local copies."""
+127.0.0.1 (CPU, gloo). They train, write each checkpoint once (one writer per output directory: a shared
+one, and node-local ones with --save_on_each_node), and resume from node-local copies; node-local
+directories without --save_on_each_node, and node-local copies of different steps, are errors before any
+weights load."""
 
 import json
 import shutil
@@ -127,3 +129,11 @@ def test_two_nodes_train_save_once_and_resume_from_node_local_copies(assets, tmp
     writes, outputs = two_nodes(assets, tmp_path, separate, expect=2)
     assert not writes
     assert "is not shared between the 2 nodes" in "".join(outputs) and "--save_on_each_node" in "".join(outputs)
+
+    # 4. Node-local copies of different steps: resuming would put the nodes at different steps.
+    for out, step in zip(local, (2, 4)):
+        shutil.rmtree(out)
+        shutil.copytree(shared / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    writes, outputs = two_nodes(assets, tmp_path, local, "--save_on_each_node", "--resume_from_checkpoint", expect=2)
+    assert not writes
+    assert "would resume from different checkpoints (['checkpoint-2', 'checkpoint-4'])" in "".join(outputs)
