@@ -84,6 +84,10 @@ class RunArguments:
     device: str | None = field(default=None, metadata={"help": "Device (default: cuda when available, else cpu)."})
     attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel (default sdpa)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code (opt-in)."})
+    student_base_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "LoRA runs: the student's base weights (default: the path recorded at training time)."},
+    )
     data_path: str | None = field(
         default=None, metadata={"help": "Conversations to use (default: the training run's --data_path)."}
     )
@@ -223,7 +227,12 @@ def _load_tokenizers(output_dir: str, trust_remote_code: bool):
 def _load_model(args: RunArguments):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, run = tlc.load_latent_model(
-        args.output_dir, args.teacher_model_name_or_path, dtype, args.attn_implementation, args.trust_remote_code
+        args.output_dir,
+        args.teacher_model_name_or_path,
+        dtype,
+        args.attn_implementation,
+        args.trust_remote_code,
+        student_base_model_name_or_path=args.student_base_model_name_or_path,
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), run

@@ -31,6 +31,16 @@ DeepSpeed ZeRO-2 / ZeRO-3::
 
     deepspeed --num_gpus 8 train_latent_comm.py <same flags> --deepspeed configs/ds_z3.json
 
+Two nodes (the same command on each; add --save_on_each_node without a shared filesystem; README: "Several
+nodes" also has the deepspeed hostfile and SLURM recipes)::
+
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node1:29500 \
+        --rdzv_id run1 train_latent_comm.py <same flags>
+
+A LoRA student (adapters on every Linear layer; the bridge and head stay fully trained)::
+
+    python train_latent_comm.py <same flags> --lora_r 16 --lora_alpha 32
+
 From a YAML or JSON config (flags given after the file override it)::
 
     python train_latent_comm.py configs/example_run.yaml --learning_rate 2e-5
@@ -92,6 +102,11 @@ RUN_ARGS_NAME = "run_args.json"
 # A checkpoint is written under this prefix and renamed to `checkpoint-N` once complete.
 PARTIAL_CHECKPOINT_PREFIX = ".partial-"
 
+# The two ends of a HiddenStateHead: the seed's GLU output projection, or none (the official Interlat head).
+HEAD_OUTPUT_PROJECTIONS = ("glu", "none")
+# The official Interlat pipeline keeps its stage-1 head (no output projection) in the teacher's directory.
+TEACHER_DIR_HEAD_NAME = "hidden_mha_state.pt"
+
 # Vocabulary logits are materialised for at most this many elements at a time (2**26 floats = 256 MiB
 # in float32): with Qwen2.5's 152k vocabulary that is ~440 rows per chunk.
 LOGIT_CHUNK_ELEMENTS = 2**26
@@ -140,6 +155,23 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow custom modelling code from the model repositories (off unless you opt in)."},
+    )
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank of the student's adapters (peft). 0 trains the whole student; above 0 its weights stay "
+            "frozen and only the adapters learn (the bridge and the head are always trained in full)."
+        },
+    )
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling: the adapters' output is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the input of the LoRA adapters."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={
+            "help": "Student modules that get adapters: comma-separated module names (e.g. 'q_proj,v_proj'), or "
+            "'all-linear': every Linear layer but the vocabulary head (for Qwen and Llama, q/k/v/o_proj of "
+            "attention and gate/up/down_proj of the MLP)."
+        },
     )
 
 
@@ -203,13 +235,28 @@ class LatentArguments:
     _argument_group_name = "Latents, head and losses"
     K: int = field(default=128, metadata={"help": "Number of latent vectors the student emits."})
     head_num_heads: int = field(default=8, metadata={"help": "Attention heads of the HiddenStateHead."})
-    head_dropout: float = field(default=0.1, metadata={"help": "Dropout of the HiddenStateHead."})
+    head_dropout: float = field(
+        default=0.1, metadata={"help": "Dropout of the HiddenStateHead (its attention and its output projection)."}
+    )
+    head_output_projection: str = field(
+        default="auto",
+        metadata={
+            "help": "End of the HiddenStateHead: 'glu' (the seed's GLU output projection), 'none' (the official "
+            "Interlat head, which ends after the adaptive projection), or 'auto': as the head file has it, else glu.",
+            "choices": ["auto", *HEAD_OUTPUT_PROJECTIONS],
+        },
+    )
     hidden_head_ckpt: str | None = field(
         default=None,
         metadata={
             "help": "Pretrained HiddenStateHead: a safetensors state dict, or a torch file of nested state dicts "
-            "(pre_ln, post_ln, hidden_mha, output_projection, adaptive_proj)."
+            "(pre_ln, post_ln, hidden_mha, adaptive_proj and, in the seed's variant, output_projection), such as "
+            f"the official {TEACHER_DIR_HEAD_NAME}. Default: {TEACHER_DIR_HEAD_NAME} in a local teacher directory."
         },
+    )
+    ignore_teacher_dir_head: bool = field(
+        default=False,
+        metadata={"help": f"Do not start from the teacher directory's {TEACHER_DIR_HEAD_NAME} (random head)."},
     )
     freeze_head: bool = field(default=False, metadata={"help": "Keep the HiddenStateHead fixed."})
     ce_weight: float = field(default=1.0, metadata={"help": "Weight of the teacher's cross-entropy with latent."})
@@ -393,13 +440,27 @@ def parse_args(argv: Sequence[str] | None = None):
         missing = [name for name in REQUIRED_ARGUMENTS if given[name] is None]
         if missing:
             raise LatentCommError("Missing required arguments: " + ", ".join(f"--{name}" for name in missing))
-    validate_args(data_args, latent_args, training_args)
+    validate_args(data_args, latent_args, training_args, model_args)
     return model_args, data_args, latent_args, training_args
 
 
-def validate_args(data_args: DataArguments, latent_args: LatentArguments, training_args: TrainingArguments):
+def validate_args(
+    data_args: DataArguments,
+    latent_args: LatentArguments,
+    training_args: TrainingArguments,
+    model_args: ModelArguments | None = None,
+):
     """Collect every inconsistent flag and raise once."""
     problems = []
+    if model_args is not None:
+        if model_args.lora_r < 0:
+            problems.append("--lora_r must be 0 (full fine-tuning) or a positive rank")
+        if model_args.lora_r and model_args.lora_alpha <= 0:
+            problems.append("--lora_alpha must be positive")
+        if model_args.lora_r and not 0 <= model_args.lora_dropout < 1:
+            problems.append("--lora_dropout must be in [0, 1)")
+        if model_args.lora_r and not lora_target_modules(model_args):
+            problems.append("--lora_target_modules names no module (e.g. 'all-linear' or 'q_proj,v_proj')")
     if latent_args.K < 1:
         problems.append("--K must be at least 1")
     if data_args.model_max_length < latent_args.K + 4:
@@ -424,6 +485,13 @@ def validate_args(data_args: DataArguments, latent_args: LatentArguments, traini
         problems.append("--logit_chunk_rows must be 0 (automatic) or positive")
     if training_args.bf16 and training_args.fp16:
         problems.append("--bf16 and --fp16 are mutually exclusive")
+    checkpointing_kwargs = getattr(training_args, "activation_checkpointing_kwargs", None)
+    if isinstance(checkpointing_kwargs, dict) and checkpointing_kwargs.get("use_reentrant"):
+        # Measured: reentrant replays lose or change the student's gradients through the prefill's KV cache.
+        problems.append(
+            "--gradient_checkpointing_kwargs use_reentrant true is not supported: the student's rollout reuses "
+            "the KV cache of checkpointed layers, which needs non-reentrant checkpointing (leave it out)"
+        )
     if problems:
         raise LatentCommError("; ".join(problems))
 
@@ -924,12 +992,16 @@ class LatentCommCollator:
 # Modules: the HiddenStateHead and its checkpoints
 # ----------------------------------------------------------------------------------------------------
 
+# Before it took the published name `proj`, our adaptive MLP was `mlp`: runs saved then still load.
+LEGACY_HEAD_KEY_PREFIXES = {"adaptive_proj.mlp.": "adaptive_proj.proj."}
+
 
 class AdaptiveProjection(nn.Module):
-    """`r = x * scale; out = (r + MLP(r)) * output_scale`: a residual MLP behind two learnable gains.
+    """`r = x * scale; out = (r + proj(r)) * output_scale`: a residual MLP behind two learnable gains.
 
     The last Linear starts near zero (xavier gain 1e-2), so the block starts as a plain rescaling and the
     small `output_scale` keeps the first spliced latents close to the teacher's embedding magnitude.
+    Parameter names are those of the published heads (`proj.0/2/3`), so their files load as they are.
     """
 
     def __init__(self, hidden_size: int):
@@ -937,42 +1009,50 @@ class AdaptiveProjection(nn.Module):
         # Shape [1], not a 0-dim scalar: DeepSpeed cannot broadcast or partition 0-dim parameters.
         self.scale = nn.Parameter(torch.tensor([0.2]))
         self.output_scale = nn.Parameter(torch.tensor([0.1]))
-        self.mlp = nn.Sequential(
+        self.proj = nn.Sequential(
             nn.Linear(hidden_size, hidden_size),
             nn.GELU(),
             nn.LayerNorm(hidden_size),
             nn.Linear(hidden_size, hidden_size),
         )
-        nn.init.normal_(self.mlp[0].weight, std=0.02)
-        nn.init.zeros_(self.mlp[0].bias)
-        nn.init.xavier_uniform_(self.mlp[3].weight, gain=1e-2)
-        nn.init.zeros_(self.mlp[3].bias)
+        nn.init.normal_(self.proj[0].weight, std=0.02)
+        nn.init.zeros_(self.proj[0].bias)
+        nn.init.xavier_uniform_(self.proj[3].weight, gain=1e-2)
+        nn.init.zeros_(self.proj[3].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = x * self.scale
-        return (r + self.mlp(r)) * self.output_scale
+        return (r + self.proj(r)) * self.output_scale
 
 
 class HiddenStateHead(nn.Module):
     """Maps a sequence of latents `[B, K, Ht]` into the teacher's input-embedding space `[B, K, Ht]`.
 
     Pre-norm self-attention over the K latents (so each latent sees the whole plan), an adaptive
-    residual projection, and a GLU output projection.
+    residual projection, and (`output_projection="glu"`, the seed's variant) a GLU output projection.
+    The official Interlat release ends after the adaptive projection (`output_projection="none"`).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int = 8, dropout: float = 0.1):
+    def __init__(self, hidden_size: int, num_heads: int = 8, dropout: float = 0.1, output_projection: str = "glu"):
         super().__init__()
+        if output_projection not in HEAD_OUTPUT_PROJECTIONS:
+            raise ValueError(f"output_projection must be one of {HEAD_OUTPUT_PROJECTIONS}, not {output_projection!r}")
+        self.output_projection_kind = output_projection
         self.pre_ln = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.hidden_mha = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        # Attention dropout as in both public codes.
+        self.hidden_mha = nn.MultiheadAttention(hidden_size, num_heads, dropout=dropout, batch_first=True)
         self.post_ln = nn.LayerNorm(hidden_size, eps=1e-6)
         self.adaptive_proj = AdaptiveProjection(hidden_size)
-        self.output_projection = nn.Sequential(
-            nn.Linear(hidden_size, 2 * hidden_size),
-            nn.GLU(),
-            nn.LayerNorm(hidden_size),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_size, hidden_size),
-        )
+        if output_projection == "glu":
+            self.output_projection = nn.Sequential(
+                nn.Linear(hidden_size, 2 * hidden_size),
+                nn.GLU(),
+                nn.LayerNorm(hidden_size),
+                nn.Dropout(dropout),
+                nn.Linear(hidden_size, hidden_size),
+            )
+        else:
+            self.output_projection = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.pre_ln(x)  # [B, K, Ht]
@@ -981,57 +1061,171 @@ class HiddenStateHead(nn.Module):
         return self.output_projection(self.adaptive_proj(y))  # [B, K, Ht]
 
 
-def load_head_checkpoint(head: HiddenStateHead, path: str) -> None:
-    """Load `--hidden_head_ckpt`: a safetensors state dict, or a torch file of nested state dicts.
+@dataclass
+class HeadCheckpoint:
+    """A head file read into our parameter names, before any module exists.
+
+    `output_projection` is the variant the file holds ("glu" or "none"); `gains_only` marks the older
+    published files whose adaptive projection is two floats without an MLP."""
+
+    source: str  # how error messages name the file
+    state: dict[str, torch.Tensor]
+    output_projection: str
+    gains_only: bool = False
+    num_heads: int | None = None  # recorded by `save_head_checkpoint`; published files do not say
+
+
+def _renamed_legacy_head_keys(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, value in state.items():
+        for old, new in LEGACY_HEAD_KEY_PREFIXES.items():
+            if key.startswith(prefix + old):
+                key = prefix + new + key[len(prefix + old) :]
+        renamed[key] = value
+    return renamed
+
+
+def read_head_checkpoint(path: str, source: str | None = None) -> HeadCheckpoint:
+    """Read a head file: a safetensors state dict, or a torch file of nested state dicts.
 
     The nested format is that of published stage-1 heads: one state dict per submodule under `pre_ln`,
-    `post_ln`, `hidden_mha`, `output_projection` and `adaptive_proj`; older files hold the floats
-    `scale` / `output_scale` instead of `adaptive_proj`, and the adaptive MLP keeps its near-zero init.
-    Missing or unexpected keys are an error.
+    `post_ln`, `hidden_mha`, `adaptive_proj` (its MLP named `proj`, its gains 0-dim tensors) and, in the
+    seed's variant, `output_projection`; the official `hidden_mha_state.pt` has no `output_projection`.
+    Older files hold the floats `scale` / `output_scale` instead of `adaptive_proj`. Torch files are read
+    with `weights_only=True`.
     """
+    source = source or f"--hidden_head_ckpt {path}"
     if not os.path.isfile(path):
-        raise LatentCommError(f"--hidden_head_ckpt {path} does not exist")
+        raise LatentCommError(f"{source} does not exist")
+    gains_only, num_heads = False, None
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        state = load_file(path)
-        allowed_missing: set[str] = set()
+        try:
+            with safe_open(path, "pt") as f:
+                state = {key: f.get_tensor(key) for key in f.keys()}
+                metadata = f.metadata() or {}
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise LatentCommError(f"cannot read {source} as safetensors: {_first_line(err)}") from None
+        if metadata.get("head_num_heads", "").isdigit():
+            num_heads = int(metadata["head_num_heads"])
     else:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise LatentCommError(
-                f"cannot read --hidden_head_ckpt {path} as a weights-only torch file: {_first_line(err)}"
-            ) from None
+            raise LatentCommError(f"cannot read {source} as a weights-only torch file: {_first_line(err)}") from None
         if not isinstance(raw, dict):
-            raise LatentCommError(f"--hidden_head_ckpt {path} must hold a dict of state dicts")
-        state, allowed_missing = {}, set()
+            raise LatentCommError(f"{source} must hold a dict of state dicts")
+        state = {}
         for name, value in raw.items():
             if isinstance(value, dict):
                 state.update({f"{name}.{key}": tensor for key, tensor in value.items()})
-            elif name in ("scale", "output_scale"):
-                state[f"adaptive_proj.{name}"] = torch.as_tensor(float(value))
+            elif name in ("scale", "output_scale") and isinstance(value, (int, float, torch.Tensor)):
+                state[f"adaptive_proj.{name}"] = torch.as_tensor(value, dtype=torch.float32)
             else:
                 state[name] = value
-        if "adaptive_proj" not in raw:
-            allowed_missing = {key for key in head.state_dict() if key.startswith("adaptive_proj.mlp.")}
+        gains_only = "adaptive_proj" not in raw and "scale" in raw
+    state = _renamed_legacy_head_keys(state)
+    variant = "glu" if any(key.startswith("output_projection.") for key in state) else "none"
+    return HeadCheckpoint(source, state, variant, gains_only, num_heads)
+
+
+def check_head_checkpoint(checkpoint: HeadCheckpoint, head: HiddenStateHead) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict shaped for `head` (which may live on the meta device: only names and
+    shapes are read). Missing or unexpected keys, or other shapes, are one error that names them."""
     target = head.state_dict()
+    allowed_missing = {k for k in target if k.startswith("adaptive_proj.proj.")} if checkpoint.gains_only else set()
     # Published heads store the two gains as 0-dim tensors (or floats); ours are [1].
+    gains = {k for k, v in target.items() if v.numel() == 1}
     state = {
-        k: v.reshape(target[k].shape) if k in target and v.numel() == target[k].numel() else v for k, v in state.items()
+        k: v.reshape(target[k].shape) if k in gains and isinstance(v, torch.Tensor) and v.numel() == 1 else v
+        for k, v in checkpoint.state.items()
     }
-    expected = set(target)
-    missing = sorted(expected - set(state) - allowed_missing)
-    unexpected = sorted(set(state) - expected)
+    missing = sorted(set(target) - set(state) - allowed_missing)
+    unexpected = sorted(set(state) - set(target))
     if missing or unexpected:
         raise LatentCommError(
-            f"--hidden_head_ckpt {path} does not match HiddenStateHead: missing keys {missing}, unexpected keys "
-            f"{unexpected}"
+            f"{checkpoint.source} does not match HiddenStateHead: missing keys {missing}, unexpected keys {unexpected}"
         )
-    try:
-        head.load_state_dict(state, strict=not allowed_missing)
-    except RuntimeError as err:
-        raise LatentCommError(f"--hidden_head_ckpt {path}: {str(err).splitlines()[0]} (check --head_* flags)") from None
+    wrong = [
+        f"{k} {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__} != {tuple(target[k].shape)}"
+        for k, v in state.items()
+        if not isinstance(v, torch.Tensor) or v.shape != target[k].shape
+    ]
+    if wrong:
+        raise LatentCommError(
+            f"{checkpoint.source} holds a head of other shapes ({'; '.join(wrong[:3])}): was it made for a teacher "
+            "of another width?"
+        )
+    if checkpoint.num_heads is not None and checkpoint.num_heads != head.hidden_mha.num_heads:
+        raise LatentCommError(
+            f"{checkpoint.source} was trained with --head_num_heads {checkpoint.num_heads}, not "
+            f"{head.hidden_mha.num_heads}: pass --head_num_heads {checkpoint.num_heads}"
+        )
+    return state
+
+
+def load_head_state(head: HiddenStateHead, checkpoint: HeadCheckpoint) -> None:
+    """Copy a checked head file into `head`. An older gains-only file gets a zero MLP output, so that the
+    head computes exactly what the file's head did (`y * scale * output_scale`) and can still learn it."""
+    state = check_head_checkpoint(checkpoint, head)
+    head.load_state_dict(state, strict=not checkpoint.gains_only)
+    if checkpoint.gains_only:
+        with torch.no_grad():
+            head.adaptive_proj.proj[3].weight.zero_()
+            head.adaptive_proj.proj[3].bias.zero_()
+
+
+def load_head_checkpoint(head: HiddenStateHead, path: str) -> None:
+    """Load `--hidden_head_ckpt` (any layout of `read_head_checkpoint`) into an existing head."""
+    load_head_state(head, read_head_checkpoint(path))
+
+
+def save_head_checkpoint(head: HiddenStateHead, path: str) -> None:
+    """Write the head as a safetensors state dict that `--hidden_head_ckpt` reads (its key names are the
+    published ones); the variant and head count go into the file's metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    metadata = {
+        "format": "pt",
+        "head_output_projection": head.output_projection_kind,
+        "head_num_heads": str(head.hidden_mha.num_heads),
+    }
+    save_file(state, path, metadata=metadata)
+
+
+def resolve_head_output_projection(requested: str, checkpoint: HeadCheckpoint | None) -> str:
+    """`--head_output_projection`: `auto` follows the head file, and is the seed's GLU variant without one."""
+    if checkpoint is None:
+        return "glu" if requested == "auto" else requested
+    if requested not in ("auto", checkpoint.output_projection):
+        has = "has a" if checkpoint.output_projection == "glu" else "has no"
+        raise LatentCommError(
+            f"--head_output_projection {requested}, but {checkpoint.source} {has} GLU output projection: pass "
+            f"--head_output_projection auto (or {checkpoint.output_projection})"
+        )
+    return checkpoint.output_projection
+
+
+def initial_head_checkpoint(model_args: ModelArguments, latent_args: LatentArguments) -> HeadCheckpoint | None:
+    """The head file a run starts from: `--hidden_head_ckpt`, else the official pipeline's stage-1 head,
+    `hidden_mha_state.pt`, when the teacher is a local directory that has one (unless
+    `--ignore_teacher_dir_head`). Read, not yet loaded: no module exists at this point."""
+    if latent_args.hidden_head_ckpt:
+        return read_head_checkpoint(latent_args.hidden_head_ckpt)
+    teacher = model_args.teacher_model_name_or_path
+    path = os.path.join(teacher, TEACHER_DIR_HEAD_NAME) if teacher and os.path.isdir(teacher) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    if latent_args.ignore_teacher_dir_head:
+        logger.info("Not using %s (--ignore_teacher_dir_head): the head starts from random weights.", path)
+        return None
+    logger.info(
+        "Using the head in the teacher's directory, %s, as --hidden_head_ckpt (--ignore_teacher_dir_head skips it).",
+        path,
+    )
+    return read_head_checkpoint(path, f"{path} (found in the teacher's directory; --ignore_teacher_dir_head skips it)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1621,6 +1815,7 @@ class LatentCommModel(nn.Module):
         settings: LatentSettings,
         head_num_heads: int = 8,
         head_dropout: float = 0.1,
+        head_output_projection: str = "glu",
     ):
         super().__init__()
         self.teacher = teacher
@@ -1633,7 +1828,7 @@ class LatentCommModel(nn.Module):
         self.student_proj = (
             nn.Linear(student_hidden, teacher_hidden) if student_hidden != teacher_hidden else nn.Identity()
         )
-        self.head = HiddenStateHead(teacher_hidden, head_num_heads, head_dropout)
+        self.head = HiddenStateHead(teacher_hidden, head_num_heads, head_dropout, head_output_projection)
 
         self.teacher.requires_grad_(False)
         self.teacher.eval()
@@ -1658,7 +1853,9 @@ class LatentCommModel(nn.Module):
         return self
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
-        kwargs = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
+        # Non-reentrant only (validate_args): it gives gradients to parameters inside a checkpointed layer even
+        # when the layer's input has none, as a LoRA student's prefill over frozen embeddings does.
+        kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False}
         for model in (self.teacher, self.student):
             model.activation_checkpointing_enable(
                 activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
@@ -2095,11 +2292,22 @@ class LatentCommTrainer(Trainer):
         # DeepSpeed's own checkpoint would also hold every frozen teacher parameter (15 GB for a 7B
         # teacher, at every save): keep only the trained ones, which is all that resuming needs.
         engine = self.model_wrapped
+        frozen = [name for name, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+        def trained_module_state(*args, **kwargs):
+            state = type(engine).module_state_dict(engine, *args, **kwargs)
+            # DeepSpeed drops a frozen parameter under its first name only: a tied alias (lm_head.weight of a
+            # model with tied embeddings, such as a LoRA student) would carry the embedding matrix along.
+            for name in frozen:
+                state.pop(name, None)
+            return state
+
         engine.save_checkpoint = functools.partial(type(engine).save_checkpoint, engine, exclude_frozen_parameters=True)
+        engine.module_state_dict = trained_module_state
         try:
             super()._save_optimizer_and_scheduler(output_dir)
         finally:
-            del engine.save_checkpoint
+            del engine.save_checkpoint, engine.module_state_dict
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         if not (self.is_deepspeed_enabled and resume_from_checkpoint):
@@ -2122,7 +2330,7 @@ class LatentCommTrainer(Trainer):
         # The Trainer would consolidate every parameter, the frozen teacher's included, on rank 0 at every
         # save; gather only what is written. Collective: every rank runs it.
         model = self.accelerator.unwrap_model(self.model)
-        state_dict, marker_rows = _gather_zero3_trained_parts(model)
+        state_dict, marker_rows = _gather_zero3_trained_parts(model, keep=self.args.should_save)
         if self.args.should_save:
             save_trained_parts(model, self.latent_run, output_dir or self.args.output_dir, state_dict, marker_rows)
 
@@ -2210,7 +2418,11 @@ def save_trained_parts(
     os.makedirs(output_dir, exist_ok=True)
     full = state_dict if state_dict is not None else model.state_dict()
     student_state = {k[len("student.") :]: v for k, v in full.items() if k.startswith("student.")}
-    model.student.save_pretrained(os.path.join(output_dir, STUDENT_DIR), state_dict=student_state)
+    # A LoRA student saves its adapters only (adapter_config.json, adapter_model.safetensors); peft picks them
+    # out of the state dict. Its embeddings are frozen base weights: not saved (and no Hub lookup to decide).
+    lora = dict(save_embedding_layers=False) if is_lora_student(model.student) else {}
+    with _writes_on_any_rank(model.student):
+        model.student.save_pretrained(os.path.join(output_dir, STUDENT_DIR), state_dict=student_state, **lora)
     run.student_tokenizer.save_pretrained(os.path.join(output_dir, STUDENT_DIR))
     latent_state = {k: v.detach().cpu().contiguous() for k, v in full.items() if k.startswith(LATENT_MODULE_PREFIXES)}
     save_file(latent_state, os.path.join(output_dir, LATENT_MODULES_NAME), metadata={"format": "pt"})
@@ -2222,24 +2434,39 @@ def save_trained_parts(
     Path(output_dir, LATENT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _gather_zero3_trained_parts(model: LatentCommModel) -> tuple[dict | None, dict | None]:
-    """Under ZeRO-3, gather everything but the teacher (one parameter at a time) and the teacher's marker
-    rows onto rank 0. Every rank must call it; other ranks get `(None, None)`."""
-    import deepspeed
-    import torch.distributed as dist
+@contextlib.contextmanager
+def _writes_on_any_rank(model: nn.Module):
+    """transformers 5's `save_pretrained` writes the weights only on global rank 0 once torch.distributed is
+    up, which leaves the other nodes' copies empty under --save_on_each_node. Our callers have already chosen
+    the writing processes (`should_save`), so every caller writes."""
+    if is_lora_student(model):  # peft writes wherever it is called
+        yield
+        return
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        del model.should_save_on_this_rank
 
-    on_rank0 = dist.get_rank() == 0
+
+def _gather_zero3_trained_parts(model: LatentCommModel, keep: bool) -> tuple[dict | None, dict | None]:
+    """Under ZeRO-3, gather everything that is saved (not the teacher, nor a LoRA student's base weights) one
+    parameter at a time, and the teacher's marker rows. Every rank must call it; the ranks that write
+    (`keep`: rank 0, or each node's first rank with --save_on_each_node) get copies, the others `(None, None)`."""
+    import deepspeed
+
+    lora = is_lora_student(model.student)
     state = {}
     for name, param in model.named_parameters():
-        if name.startswith("teacher."):
+        if name.startswith("teacher.") or (lora and name.startswith("student.") and not param.requires_grad):
             continue
         with deepspeed.zero.GatheredParameters([param]):
-            if on_rank0:
+            if keep:
                 state[name] = param.detach().cpu().clone()
     embeddings = [model.teacher.get_input_embeddings().weight, model.teacher.get_output_embeddings().weight]
     with deepspeed.zero.GatheredParameters(embeddings):
-        markers = _marker_rows(model.teacher, model.settings) if on_rank0 else None
-    return (state, markers) if on_rank0 else (None, None)
+        markers = _marker_rows(model.teacher, model.settings) if keep else None
+    return (state, markers) if keep else (None, None)
 
 
 def _read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
@@ -2258,16 +2485,39 @@ def load_trained_parts(model: LatentCommModel, checkpoint_dir: str) -> None:
     """Load what `save_trained_parts` wrote into an existing model (resume, best model, reload)."""
     from safetensors.torch import load_file
 
-    student_state = _read_safetensors_dir(os.path.join(checkpoint_dir, STUDENT_DIR))
-    with _gathered_for_update(list(model.student.parameters())):
-        result = model.student.load_state_dict(student_state, strict=False)
-    tied = {k for k in result.missing_keys if _is_tied_key(model.student, k)}
-    if set(result.missing_keys) - tied or result.unexpected_keys:
+    student_dir = os.path.join(checkpoint_dir, STUDENT_DIR)
+    saved_lora = Path(student_dir, "adapter_config.json").is_file()
+    if saved_lora != is_lora_student(model.student):
+        saved, wanted = ("LoRA adapters", "a full student") if saved_lora else ("a full student", "LoRA adapters")
         raise LatentCommError(
-            f"student weights in {checkpoint_dir} do not match: missing {sorted(set(result.missing_keys) - tied)}, "
-            f"unexpected {result.unexpected_keys}"
+            f"{checkpoint_dir} holds {saved}, but this model has {wanted}: use the --lora_* flags of that run"
         )
-    latent_state = load_file(os.path.join(checkpoint_dir, LATENT_MODULES_NAME))
+    student_state = _read_safetensors_dir(student_dir)
+    if saved_lora:
+        from peft import set_peft_model_state_dict
+
+        adapters = [p for n, p in model.student.named_parameters() if "lora_" in n]
+        mismatch = f"LoRA adapters in {checkpoint_dir} do not match the student (check --lora_r, --lora_target_modules)"
+        try:
+            with _gathered_for_update(adapters):
+                result = set_peft_model_state_dict(model.student, student_state)
+        except RuntimeError as err:  # other shapes: another rank
+            raise LatentCommError(f"{mismatch}: {_first_line(err)}") from None
+        # The base weights are not in the file: only missing adapter weights are a mismatch.
+        missing = sorted(k for k in result.missing_keys if "lora_" in k)
+        if missing or result.unexpected_keys:
+            unexpected = sorted(result.unexpected_keys)
+            raise LatentCommError(f"{mismatch}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    else:
+        with _gathered_for_update(list(model.student.parameters())):
+            result = model.student.load_state_dict(student_state, strict=False)
+        tied = {k for k in result.missing_keys if _is_tied_key(model.student, k)}
+        if set(result.missing_keys) - tied or result.unexpected_keys:
+            raise LatentCommError(
+                f"student weights in {checkpoint_dir} do not match: missing {sorted(set(result.missing_keys) - tied)}, "
+                f"unexpected {result.unexpected_keys}"
+            )
+    latent_state = _renamed_legacy_head_keys(load_file(os.path.join(checkpoint_dir, LATENT_MODULES_NAME)), "head.")
     expected = {k for k in model.state_dict() if k.startswith(LATENT_MODULE_PREFIXES)}
     if set(latent_state) != expected:
         raise LatentCommError(
@@ -2310,12 +2560,14 @@ def load_latent_model(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    student_base_model_name_or_path: str | None = None,
 ) -> tuple[LatentCommModel, LatentRun]:
     """Rebuild a trained model from an output directory (or checkpoint) plus the teacher's weights.
 
     The teacher comes from `teacher_model_name_or_path`, else from the path recorded at training time,
-    in `dtype`, else in the dtype it was trained with. Returns the model in eval mode and the run
-    (tokenizers, settings, config).
+    in `dtype`, else in the dtype it was trained with. A LoRA run's student is its recorded base model
+    (or `student_base_model_name_or_path`) with the saved adapters. Returns the model in eval mode and the
+    run (tokenizers, settings, config).
     """
     config_path = Path(output_dir, LATENT_CONFIG_NAME)
     if not config_path.is_file():
@@ -2333,11 +2585,22 @@ def load_latent_model(
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, **load_kwargs)
     if len(teacher_tokenizer) > teacher.get_input_embeddings().num_embeddings:
         teacher.resize_token_embeddings(len(teacher_tokenizer), mean_resizing=False)
-    student = AutoModelForCausalLM.from_pretrained(
-        os.path.join(output_dir, STUDENT_DIR), dtype=torch.float32, **load_kwargs
-    )
+    student_dir = os.path.join(output_dir, STUDENT_DIR)
+    lora = config.get("lora")
+    if lora:
+        from peft import LoraConfig
+
+        base = student_base_model_name_or_path or lora["base_model_name_or_path"]
+        student = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **load_kwargs)
+        student = _wrap_with_adapters(student, LoraConfig.from_pretrained(student_dir))
+    else:
+        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32, **load_kwargs)
     settings = LatentSettings(**config["settings"])
-    model = LatentCommModel(teacher, student, settings, config["head_num_heads"], config["head_dropout"])
+    # Configs written before the head had a variant hold the seed's GLU head.
+    head_output_projection = config.get("head_output_projection", "glu")
+    model = LatentCommModel(
+        teacher, student, settings, config["head_num_heads"], config["head_dropout"], head_output_projection
+    )
     load_trained_parts(model, output_dir)
     return model.eval(), LatentRun(settings, teacher_tokenizer, student_tokenizer, config)
 
@@ -2472,24 +2735,87 @@ def _init_marker_rows(teacher: nn.Module, new_marker_ids: list[int], n_original:
             weight[new_marker_ids] = weight[:n_original].float().mean(0).to(weight.dtype)
 
 
+def lora_target_modules(model_args: ModelArguments) -> str | list[str]:
+    names = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+    return "all-linear" if names == ["all-linear"] else names
+
+
+def add_lora_adapters(student: nn.Module, model_args: ModelArguments) -> nn.Module:
+    """Wrap the student in LoRA adapters (peft). Its weights freeze, a tied embedding included; the adapters
+    train. peft swaps the targeted layers for adapter layers inside the student, so the rollout's direct calls
+    into its decoder and input embeddings run through the adapters."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=lora_target_modules(model_args),
+        bias="none",
+    )
+    try:
+        return _wrap_with_adapters(student, config)
+    except ValueError as err:  # e.g. "Target modules {...} not found in the base model"
+        raise LatentCommError(
+            f"--lora_target_modules {model_args.lora_target_modules}: {_first_line(err)} (name the student's Linear "
+            "modules, or use all-linear)"
+        ) from None
+
+
+def _wrap_with_adapters(student: nn.Module, lora_config) -> nn.Module:
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():  # peft 0.21 reads a property that transformers 5 deprecates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(student, lora_config)
+
+
+def is_lora_student(student: nn.Module) -> bool:
+    return hasattr(student, "peft_config") and hasattr(student, "get_base_model")
+
+
+def _model_source(name_or_path: str | None) -> str | None:
+    """A local directory as an absolute path (the run can be reloaded from anywhere); a Hub id as given."""
+    return os.path.abspath(name_or_path) if name_or_path and os.path.isdir(name_or_path) else name_or_path
+
+
 def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_marker_ids) -> LatentCommModel:
+    # The head file is read and checked against the head's shapes (on the meta device) before any weights load.
+    remote = model_args.trust_remote_code
+    teacher_config = AutoConfig.from_pretrained(model_args.teacher_model_name_or_path, trust_remote_code=remote)
+    teacher_hidden = _hidden_size(teacher_config)
+    if teacher_hidden % latent_args.head_num_heads:
+        raise LatentCommError(
+            f"--head_num_heads {latent_args.head_num_heads} must divide the teacher hidden size {teacher_hidden}"
+        )
+    head_checkpoint = initial_head_checkpoint(model_args, latent_args)
+    head_output_projection = resolve_head_output_projection(latent_args.head_output_projection, head_checkpoint)
+    if head_checkpoint is not None:
+        with torch.device("meta"):
+            head_shapes = HiddenStateHead(teacher_hidden, latent_args.head_num_heads, 0.0, head_output_projection)
+        check_head_checkpoint(head_checkpoint, head_shapes)
+
     attn = choose_attn_implementation(model_args.attn_implementation)
     # The student keeps float32 weights (trained under autocast); flash-attention needs half weights, so the
     # student uses sdpa unless a kernel was asked for.
     student_attn = model_args.attn_implementation or "sdpa"
     logger.info("Attention: teacher %s, student %s.", attn, student_attn)
-    remote = model_args.trust_remote_code
     try:
-        teacher = AutoModelForCausalLM.from_pretrained(
-            model_args.teacher_model_name_or_path,
-            dtype=teacher_dtype(training_args),
-            attn_implementation=attn,
-            trust_remote_code=remote,
-        )
+        # The student first: its LoRA adapters are checked before the (larger) teacher loads.
         student = AutoModelForCausalLM.from_pretrained(
             model_args.student_model_name_or_path,
             dtype=torch.float32,
             attn_implementation=student_attn,
+            trust_remote_code=remote,
+        )
+        if model_args.lora_r:
+            student = add_lora_adapters(student, model_args)
+        teacher = AutoModelForCausalLM.from_pretrained(
+            model_args.teacher_model_name_or_path,
+            dtype=teacher_dtype(training_args),
+            attn_implementation=attn,
             trust_remote_code=remote,
         )
     except (OSError, ValueError, ImportError) as err:
@@ -2501,11 +2827,6 @@ def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_
         teacher.resize_token_embeddings(len(teacher_tokenizer), mean_resizing=False)
     _init_marker_rows(teacher, new_marker_ids, n_original)
 
-    teacher_hidden = _hidden_size(teacher.config)
-    if teacher_hidden % latent_args.head_num_heads:
-        raise LatentCommError(
-            f"--head_num_heads {latent_args.head_num_heads} must divide the teacher hidden size {teacher_hidden}"
-        )
     vocab = teacher_tokenizer.get_vocab()
     settings = LatentSettings(
         K=latent_args.K,
@@ -2521,24 +2842,55 @@ def build_models(model_args, latent_args, training_args, teacher_tokenizer, new_
         logit_chunk_rows=latent_args.logit_chunk_rows,
         rollout_impl=latent_args.rollout_impl,
     )
-    model = LatentCommModel(teacher, student, settings, latent_args.head_num_heads, latent_args.head_dropout)
+    model = LatentCommModel(
+        teacher, student, settings, latent_args.head_num_heads, latent_args.head_dropout, head_output_projection
+    )
     unsupported = lean_rollout_unsupported(student) if settings.rollout_impl != "hf" else "--rollout_impl hf"
     if unsupported and settings.rollout_impl == "lean":
         raise LatentCommError(f"--rollout_impl lean cannot run this student: {unsupported}. Use --rollout_impl auto.")
     logger.info("Student rollout: %s.", f"HF decoder modules ({unsupported})" if unsupported else "lean latent steps")
-    if latent_args.hidden_head_ckpt:
-        load_head_checkpoint(model.head, latent_args.hidden_head_ckpt)
-        logger.info("Loaded HiddenStateHead from %s.", latent_args.hidden_head_ckpt)
+    if head_checkpoint is not None:
+        load_head_state(model.head, head_checkpoint)
+        logger.info(
+            "HiddenStateHead (output projection %s) loaded from %s.", head_output_projection, head_checkpoint.source
+        )
     if latent_args.freeze_head:
         model.head.requires_grad_(False)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_teacher = sum(p.numel() for p in teacher.parameters())
-    logger.info("Trainable parameters: %.1fM; frozen teacher: %.1fM.", n_trainable / 1e6, n_teacher / 1e6)
+    log_parameter_counts(model)
     return model
+
+
+def log_parameter_counts(model: LatentCommModel) -> None:
+    def count(module, trainable):
+        # ds_numel: the full size of a parameter that ZeRO-3 has partitioned.
+        return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad == trainable)
+
+    n_trainable = count(model, True)
+    n_student_trained, n_student_frozen = count(model.student, True), count(model.student, False)
+    n_teacher = count(model.teacher, False)
+    student = "LoRA adapters" if is_lora_student(model.student) else "student"
+    logger.info(
+        "Trainable parameters: %s (%s %s, bridge and head %s); frozen: student %s, teacher %s.",
+        f"{n_trainable:,}",
+        student,
+        f"{n_student_trained:,}",
+        f"{n_trainable - n_student_trained:,}",
+        f"{n_student_frozen:,}",
+        f"{n_teacher:,}",
+    )
 
 
 def run_config(model_args, data_args, latent_args, model: LatentCommModel) -> dict[str, Any]:
     """The contents of latent_config.json: what `load_latent_model` needs to rebuild the run."""
+    lora = None
+    if model_args.lora_r:  # student/ then holds the adapters only: the base weights are read from here
+        lora = {
+            "base_model_name_or_path": _model_source(model_args.student_model_name_or_path),
+            "r": model_args.lora_r,
+            "alpha": model_args.lora_alpha,
+            "dropout": model_args.lora_dropout,
+            "target_modules": model_args.lora_target_modules,
+        }
     return {
         "format_version": 1,
         "teacher_model_name_or_path": model_args.teacher_model_name_or_path,
@@ -2553,6 +2905,8 @@ def run_config(model_args, data_args, latent_args, model: LatentCommModel) -> di
         "eop_token": EOP_TOKEN,
         "head_num_heads": latent_args.head_num_heads,
         "head_dropout": latent_args.head_dropout,
+        "head_output_projection": model.head.output_projection_kind,
+        "lora": lora,
         "settings": dataclasses.asdict(model.settings),
         "teacher_dtype": str(model.teacher.dtype).removeprefix("torch."),
     }
@@ -2771,6 +3125,68 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     return resume
 
 
+def check_output_dir_across_nodes(training_args: TrainingArguments, resume: str | None) -> None:
+    """Multi-node runs: find out whether the nodes share `output_dir`, and make the writers fit.
+
+    Every node's first process drops a probe file into `output_dir` and counts the probes it sees: all of
+    them (a shared filesystem) or only its own (node-local disks); anything in between is an error. Without
+    --save_on_each_node the main process writes alone, so the other nodes must see its files (resume and
+    `load_best_model_at_end` read them on every rank): node-local disks are an error now, not a crash at
+    the end. With --save_on_each_node on a shared filesystem the nodes' writers would write and rename the
+    same checkpoint at once, so the main process writes alone there too. Also checks that all processes
+    resume from the same step (each node finds the newest checkpoint on its own disk)."""
+    import uuid
+
+    import torch.distributed as dist
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    if training_args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    token = broadcast_object_list([uuid.uuid4().hex])[0]  # the main process's token, on every process
+    output_dir = Path(training_args.output_dir)
+    probe = output_dir / f".node-probe-{token}-{training_args.process_index}"
+    node_first = training_args.local_process_index == 0
+    if node_first:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+    dist.barrier()
+    seen = len(list(output_dir.glob(f".node-probe-{token}-*"))) if node_first else 0
+    dist.barrier()
+    if node_first:
+        probe.unlink()
+    views = gather_object([(seen, Path(resume).name if resume else None)])  # one (count, step) per process
+    n_nodes = sum(1 for count, _ in views if count)
+    counts = {count for count, _ in views if count}
+    steps = {name for _, name in views}
+    if len(steps) > 1:
+        raise LatentCommError(
+            f"the processes would resume from different checkpoints ({sorted(map(str, steps))}): each node found "
+            "the newest complete checkpoint in its own --output_dir; pass --resume_from_checkpoint with one that "
+            "every node has"
+        )
+    if n_nodes == 1:
+        return
+    if counts == {n_nodes}:  # one directory, seen by every node
+        if training_args.save_on_each_node:
+            logger.info("--save_on_each_node: every node sees the same --output_dir, so the main process writes it.")
+            training_args.save_on_each_node = False
+            ds_config = getattr(training_args, "hf_deepspeed_config", None)
+            if ds_config is not None:
+                ds_config.config.setdefault("checkpoint", {})["use_node_local_storage"] = False
+        return
+    if counts != {1}:
+        raise LatentCommError(
+            f"--output_dir {output_dir} is shared by some of the {n_nodes} nodes but not all: use one directory "
+            "on a filesystem that every node sees, or node-local directories with --save_on_each_node"
+        )
+    if not training_args.save_on_each_node:
+        raise LatentCommError(
+            f"--output_dir {output_dir} is not shared between the {n_nodes} nodes (each sees only its own files): "
+            "put it on a shared filesystem, or pass --save_on_each_node so that every node keeps its own copy"
+        )
+    logger.info("--save_on_each_node: each of the %d nodes writes checkpoints to its own --output_dir.", n_nodes)
+
+
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     names = (LATENT_CONFIG_NAME, LATENT_MODULES_NAME, TEACHER_MARKERS_NAME, TRAINER_STATE_NAME)
     return all(Path(path, name).is_file() for name in names) and Path(path, STUDENT_DIR).is_dir()
@@ -2794,6 +3210,12 @@ def check_resume_compatible(checkpoint_dir: str, config: dict[str, Any]) -> None
     saved = json.loads(Path(checkpoint_dir, LATENT_CONFIG_NAME).read_text())
     keys = ("teacher_hidden_size", "student_hidden_size", "head_num_heads")
     different = [f"{k} {saved.get(k)} != {config[k]}" for k in keys if saved.get(k) != config[k]]
+    saved_rank, rank = (saved.get("lora") or {}).get("r", 0), (config.get("lora") or {}).get("r", 0)
+    if saved_rank != rank:
+        different.append(f"lora_r {saved_rank} != {rank}")
+    saved_head = saved.get("head_output_projection", "glu")  # runs saved before the variant existed: glu
+    if saved_head != config["head_output_projection"]:
+        different.append(f"head_output_projection {saved_head} != {config['head_output_projection']}")
     for k in ("K", "bop_id", "eop_id"):
         if saved.get("settings", {}).get(k) != config["settings"][k]:
             different.append(f"{k} {saved.get('settings', {}).get(k)} != {config['settings'][k]}")
@@ -2834,6 +3256,7 @@ def run_training(model_args, data_args, latent_args, training_args, callbacks=No
         model_args, data_args, latent_args, training_args, teacher_tokenizer, student_tokenizer
     )
     resume = resolve_resume(training_args)
+    check_output_dir_across_nodes(training_args, resume)
     transformers.set_seed(training_args.seed)  # the bridge and head initialisation depend on it
     model = build_models(model_args, latent_args, training_args, teacher_tokenizer, new_marker_ids)
     run = LatentRun(

@@ -378,8 +378,8 @@ def test_head_shapes_init_and_student_projection(tiny_model):
     assert head(torch.randn(2, 7, 64)).shape == (2, 7, 64)
     assert head.adaptive_proj.scale.item() == pytest.approx(0.2)
     assert head.adaptive_proj.output_scale.item() == pytest.approx(0.1)
-    assert torch.count_nonzero(head.adaptive_proj.mlp[0].bias) == 0
-    assert head.adaptive_proj.mlp[3].weight.abs().max() < 0.01
+    assert torch.count_nonzero(head.adaptive_proj.proj[0].bias) == 0
+    assert head.adaptive_proj.proj[3].weight.abs().max() < 0.01
     # Student of width 48 feeding a teacher of width 64: projected before the head.
     assert isinstance(tiny_model.student_proj, torch.nn.Linear)
     assert tiny_model.student_proj.in_features == 48 and tiny_model.student_proj.out_features == 64
