@@ -1857,6 +1857,7 @@ class LatentCommTrainer(Trainer):
         self._eval_count = 0
         self._nonfinite_skipped = 0
         self.stop_reason: str | None = None  # set by run_training when early stopping ended the run
+        self.latent_report: dict | None = None  # set by run_training with --report
 
     # -- loss and logging -----------------------------------------------------------------------------
 
@@ -2935,10 +2936,9 @@ def print_summary(trainer: LatentCommTrainer, output_dir: str, elapsed: float) -
     lines.append(
         f"  trained parts: {os.path.abspath(output_dir)} (student/, {LATENT_MODULES_NAME}, {LATENT_CONFIG_NAME})"
     )
-    report = Path(output_dir, REPORT_NAMES[0])
-    if trainer.args.report and report.is_file():
-        conditions = json.loads(report.read_text())["conditions"]
+    if trainer.latent_report:
         lines.append("  latent report: " + ", ".join(str(Path(output_dir, name).resolve()) for name in REPORT_NAMES))
+        conditions = trainer.latent_report["conditions"]
         lines.append("    teacher CE: " + ", ".join(f"{name} {c['ce']:.4f}" for name, c in conditions.items()))
     print("\n".join(lines), flush=True)
 
@@ -3001,7 +3001,7 @@ def run_training(model_args, data_args, latent_args, training_args, callbacks=No
         if training_args.process_index == 0:
             import evaluate_latent  # lazily: matplotlib is needed for the report only
 
-            evaluate_latent.report_from_trainer(trainer)
+            trainer.latent_report = evaluate_latent.report_from_trainer(trainer)
     return trainer
 
 
