@@ -147,9 +147,7 @@ class BuildArguments:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> BuildArguments:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(BuildArguments)
+    parser = tlc.ArgumentParser(BuildArguments)
     try:
         (args,) = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
     except ValueError as err:
@@ -211,13 +209,7 @@ def collect_records(args: BuildArguments) -> list[PlanRecord]:
                 problems.add(f"has no plan (a non-empty string in {source})", conv.id)
                 continue
         records.append(PlanRecord(conv.id, conv.messages[conv.first_user_index][1], plan))
-    if problems:
-        message = f"{args.data_path}: {len(problems.bad_ids())} of {len(raw)} records are invalid: {problems.summary()}"
-        if not args.skip_invalid_samples:
-            raise tlc.LatentCommError(message + ". Fix them, or pass --skip_invalid_samples to drop them.")
-        logger.warning("Dropping invalid records (--skip_invalid_samples). %s", message)
-    if not records:
-        raise tlc.LatentCommError(f"{args.data_path}: no usable records")
+    tlc.raise_or_drop_invalid(problems, args.data_path, len(raw), len(records), args.skip_invalid_samples)
     return records
 
 

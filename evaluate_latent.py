@@ -13,27 +13,31 @@ and next-token accuracy on the assistant tokens under five conditions:
 - ``cross_task_latent``: another record's data latent (record i gets record i+1's, a derangement), which
   tells how much of ``data_latent``'s effect is specific to the task rather than generic;
 - ``noise_latent``: Gaussian noise with the data latents' per-dimension mean and std (over every row
-  the evaluated records feed the head), through the head.
+  the evaluated records feed the head), through the head; record i's noise is drawn with seed + i, the
+  seed being the training run's ``--seed`` unless ``--seed`` is given, so that ``--report`` and this
+  command give the same numbers at any batch size.
 
 Each latent condition is also compared with ``data_latent``: ``kl_to_data_latent`` is training's KL term
 (``T^2 KL(p_data || p_condition)`` at ``--kl_temperature`` over the first ``kl_window`` targets after the
 block, uncertainty-weighted per batch exactly as in training) and ``cosine_to_data_latent`` is
 ``cos(mean_k Z, mean_k Zd)``. For ``student_latent`` these are training's ``kl`` and ``1 - align``.
-Outputs ``latent_report.json``, ``latent_report.md`` (a table) and ``latent_report.png`` (the conditions,
-plus the training curves ``ce``, ``kl``, ``align``, ``eval_loss`` when ``trainer_state.json`` is there).
+Outputs ``latent_report.json``, ``latent_report.md`` (a table) and ``latent_report.png`` (each condition's
+CE on an axis fitted to the values, with its value, its difference to ``no_latent`` and its accuracy; with
+``trainer_state.json``, the loss and the CE, KL and Align curves on their own axes, the evaluation CE
+without latent and with the data latent next to the student's).
 
 ``generate``: the student writes its latent for each conversation's first user message, and the teacher
 generates the assistant reply with ``[<bop>, latent, <eop>]`` spliced right after that message (the
 prompt is rendered and tokenized as in training: plain text, or the chat template with the assistant's
 generation header after the block). Batched with left padding, greedy or sampled, optionally side by
-side with the teacher's reply without latent (``--compare_no_latent``); one JSON line per record.
+side with the teacher's reply without latent (``--compare_no_latent``); one JSON line per record, into
+``latent_replies.jsonl`` in the run's directory unless ``--output_file`` says otherwise.
 
 Usage::
 
     python evaluate_latent.py report --output_dir latent_out
     python evaluate_latent.py report --output_dir latent_out --data_path test.json --hf_hidden_repo test_hidden
-    python evaluate_latent.py generate --output_dir latent_out --output_file replies.jsonl \\
-        --max_new_tokens 128 --compare_no_latent
+    python evaluate_latent.py generate --output_dir latent_out --max_new_tokens 128 --compare_no_latent
 
 Training writes the same report into its output_dir with ``python train_latent_comm.py ... --report``.
 """
@@ -56,8 +60,12 @@ import train_latent_comm as tlc
 logger = logging.getLogger(__name__)
 
 CONDITIONS = ("no_latent", "data_latent", "student_latent", "cross_task_latent", "noise_latent")
-REPORT_JSON, REPORT_MD, REPORT_PNG = "latent_report.json", "latent_report.md", "latent_report.png"
-CURVE_KEYS = ("ce", "kl", "align", "eval_loss")
+REPORT_JSON, REPORT_MD, REPORT_PNG = tlc.REPORT_NAMES
+# Curves of the Trainer's log drawn in the report: training terms and their evaluation counterparts.
+CURVE_KEYS = (
+    "loss", "ce", "kl", "align",
+    "eval_loss", "eval_ce", "eval_kl", "eval_align", "eval_ce_no_latent", "eval_ce_data_latent",
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,7 +117,13 @@ class RunArguments:
             "normalises its uncertainty weights per batch, as training's evaluation does)."
         },
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the noise latents and of sampling."})
+    seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the noise latents and of sampling (default: the training run's --seed, which "
+            "`train_latent_comm.py --report` uses too, so both give the same noise_latent numbers)."
+        },
+    )
 
 
 @dataclass
@@ -119,7 +133,9 @@ class ReportArguments(RunArguments):
 
 @dataclass
 class GenerateArguments(RunArguments):
-    output_file: str = field(default="latent_replies.jsonl", metadata={"help": "JSON Lines output."})
+    output_file: str | None = field(
+        default=None, metadata={"help": f"JSON Lines output (default: {tlc.REPLIES_NAME} in --output_dir)."}
+    )
     max_new_tokens: int = field(default=128, metadata={"help": "Maximum tokens of each reply."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of decoding greedily."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
@@ -148,6 +164,13 @@ def resolve_batch_size(args: RunArguments) -> int:
     return args.batch_size or recorded.get("per_device_eval_batch_size") or 4
 
 
+def resolve_seed(args: RunArguments) -> int:
+    """--seed, else the training run's (as `--report` uses), else the training default."""
+    if args.seed is not None:
+        return args.seed
+    return read_run_args(args.output_dir).get("LatentTrainingArguments", {}).get("seed", 42)
+
+
 def resolve_data(args: RunArguments, need_hidden: bool = True) -> tuple[str, str | None, str, dict[str, Any]]:
     """(data_path, hf_hidden_repo, split, split settings) for the run's data or the given files."""
     recorded = read_run_args(args.output_dir)
@@ -161,6 +184,16 @@ def resolve_data(args: RunArguments, need_hidden: bool = True) -> tuple[str, str
         )
     if need_hidden and not hidden:
         raise tlc.LatentCommError("pass --hf_hidden_repo with --data_path (the report needs the data latents)")
+    # Runs record absolute local paths; older ones the path as given, read relative to the current directory.
+    recorded_in = f"the run's, recorded in {Path(args.output_dir, tlc.RUN_ARGS_NAME)}"
+    if not Path(data_path).is_file():
+        where = "" if args.data_path else f" ({recorded_in})"
+        raise tlc.LatentCommError(f"--data_path {data_path}{where}: no such file; pass --data_path")
+    if hidden:
+        problem = tlc.hub_or_local_problem("--hf_hidden_repo", hidden, "dataset", tuple(tlc.HIDDEN_FILE_BUILDERS))
+        if problem:
+            where = "" if args.hf_hidden_repo else f" ({recorded_in})"
+            raise tlc.LatentCommError(f"{problem}{where}; pass --hf_hidden_repo")
     split = args.split if args.split != "auto" else ("all" if args.data_path else "eval")
     settings = {
         "eval_ratio": data_rec.get("eval_ratio", 0.05),
@@ -176,7 +209,9 @@ def select_split(n: int, split: str, settings: dict[str, Any]) -> list[int]:
     train_idx, eval_idx = tlc.split_train_eval(n, settings["eval_ratio"], settings["seed"])
     chosen = eval_idx if split == "eval" else train_idx
     if not chosen:
-        raise tlc.LatentCommError(f"the run's --eval_ratio {settings['eval_ratio']} leaves no '{split}' records")
+        raise tlc.LatentCommError(
+            f"the run's --eval_ratio {settings['eval_ratio']} leaves no '{split}' records: pass --split train or all"
+        )
     return chosen
 
 
@@ -302,7 +337,7 @@ def compute_report(
     conditions = [c for c in CONDITIONS if c != "cross_task_latent" or n >= 2]
     borrow = cross_task_order(n)
     noise_mean, noise_std = data_latent_moments(dataset)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator()
     sums = {c: {"nll": 0.0, "correct": 0, "kl": 0.0, "cosine": 0.0} for c in conditions}
     n_targets, records = 0, []
 
@@ -322,7 +357,10 @@ def compute_report(
         cross = torch.stack(
             [torch.from_numpy(dataset.store.latent_rows(dataset.samples[borrow[i]].hidden_row, cfg.K)) for i in idx]
         )
-        noise = noise_mean + noise_std * torch.randn((bsz, cfg.K, noise_mean.shape[0]), generator=generator)
+        # Record i's noise comes from seed + i: the same whatever the batching ([B, K, Ht]).
+        noise = noise_mean + noise_std * torch.stack(
+            [torch.randn((cfg.K, noise_mean.shape[0]), generator=generator.manual_seed(seed + i)) for i in idx]
+        )
         zd = model.project_data_latents(batch["data_latents"])  # [B, K, Ht]
         blocks = {
             "data_latent": zd,
@@ -447,7 +485,7 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def training_curves(log_history: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
-    """`{name: (steps, values)}` for ce, kl, align (training logs) and eval_loss, from the Trainer's log."""
+    """`{name: (steps, values)}` for each of CURVE_KEYS that the Trainer's log holds."""
     curves = {}
     for key in CURVE_KEYS:
         points = [(h["step"], h[key]) for h in log_history if key in h and "step" in h]
@@ -456,40 +494,107 @@ def training_curves(log_history: list[dict[str, Any]]) -> dict[str, tuple[list[f
     return curves
 
 
+# One colour per condition, shared by the condition panel and the curves that measure the same run.
+CONDITION_COLOURS = {
+    "no_latent": "#7f7f7f",
+    "data_latent": "#1f77b4",
+    "student_latent": "#ff7f0e",
+    "cross_task_latent": "#2ca02c",
+    "noise_latent": "#d62728",
+}
+# Panels of training curves: (title, y label, [(log key, label, colour, line style, marker)]).
+CURVE_PANELS = (
+    ("Loss (CE, KL and Align, weighted)", "loss", [
+        ("loss", "train", "#ff7f0e", "-", None), ("eval_loss", "eval", "#a04000", "-", "o")]),
+    ("Teacher CE", "nats / token", [
+        ("ce", "train (student latent)", "#ff7f0e", "-", None),
+        ("eval_ce", "eval (student latent)", "#a04000", "-", "o"),
+        ("eval_ce_no_latent", "eval, no latent", "#7f7f7f", "--", "s"),
+        ("eval_ce_data_latent", "eval, data latent", "#1f77b4", "--", "^")]),
+    ("KL to the data-latent run", "T^2 KL (nats)", [
+        ("kl", "train", "#ff7f0e", "-", None), ("eval_kl", "eval", "#a04000", "-", "o")]),
+    ("Align", "1 - cos(mean latents)", [
+        ("align", "train", "#ff7f0e", "-", None), ("eval_align", "eval", "#a04000", "-", "o")]),
+)  # fmt: skip
+
+
+def _plot_conditions(ax, report: dict[str, Any]) -> None:
+    """Teacher CE per condition as dots on an axis fitted to the values (0.1-nat gaps stay visible), each
+    labelled with its CE, its change against no_latent (the dashed line, drawn as the stem) and its accuracy."""
+    conditions = report["conditions"]
+    names = list(conditions)[::-1]  # top to bottom in table order
+    ces = [conditions[n]["ce"] for n in names]
+    baseline = conditions["no_latent"]["ce"] if "no_latent" in conditions else None
+    low, high = min(ces), max(ces)
+    margin = max(high - low, 0.02 * max(abs(high), 1e-3))
+    for y, (name, ce) in enumerate(zip(names, ces)):
+        colour = CONDITION_COLOURS.get(name, "black")
+        label = f"{ce:.4f}"
+        if baseline is not None and name != "no_latent":
+            ax.plot([baseline, ce], [y, y], color=colour, alpha=0.35, linewidth=3)
+            label += f"  ({ce - baseline:+.4f})"
+        ax.plot(ce, y, "o", color=colour, markersize=9, zorder=3)
+        label += f"  acc {conditions[name]['accuracy']:.3f}"
+        ax.annotate(label, (ce, y), xytext=(0, 9), textcoords="offset points", ha="center", fontsize=9)
+    if baseline is not None:
+        ax.axvline(baseline, color=CONDITION_COLOURS["no_latent"], linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(-0.5, len(names) - 0.3)
+    ax.set_xlim(low - 0.25 * margin, high + 0.25 * margin)
+    ax.set_xlabel("teacher CE on the assistant tokens (nats / token; lower is better; in brackets: against no_latent)")
+    ax.grid(axis="x", alpha=0.3)
+    where = f"{report['split']} split, " if report.get("split") else ""
+    ax.set_title(
+        f"Conditions: {where}{report['n_records']} records, {report['n_targets']} tokens, K={report['K']}",
+        fontsize=10,
+    )
+
+
+def _plot_curves(ax, curves, title: str, ylabel: str, series) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for key, label, colour, style, marker in series:
+        if key in curves:
+            steps, values = curves[key]
+            ax.plot(steps, values, color=colour, linestyle=style, marker=marker, markersize=4, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps are whole numbers
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def plot_report(report: dict[str, Any], path: str, log_history: list[dict[str, Any]] | None = None) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(report, log_history)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_figure(report: dict[str, Any], log_history: list[dict[str, Any]] | None = None):
+    """The conditions panel, and, with a training log, the loss and each term's train and eval curves."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
     curves = training_curves(log_history or [])
-    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(12 if curves else 6.5, 4.5), squeeze=False)
-    ax = axes[0][0]
-    names = list(report["conditions"])
-    ces = [report["conditions"][n]["ce"] for n in names]
-    bars = ax.bar(range(len(names)), ces, color=["#999999", "#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(names)])
-    for bar, name in zip(bars, names):
-        accuracy = report["conditions"][name]["accuracy"]
-        ax.annotate(
-            f"acc {accuracy:.2f}",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
-    ax.set_ylabel("teacher CE on assistant tokens (nats)")
-    ax.set_title(f"Conditions ({report['n_records']} records, {report['n_targets']} tokens)")
-    if curves:
-        ax = axes[0][1]
-        for key, (steps, values) in curves.items():
-            ax.plot(steps, values, marker="o" if key == "eval_loss" else None, markersize=3, label=key)
-        ax.set_xlabel("optimizer step")
-        ax.set_title("Training curves")
-        ax.legend()
+    if not curves:
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        _plot_conditions(ax, report)
+    else:
+        fig = plt.figure(figsize=(15, 8.5))
+        grid = fig.add_gridspec(2, 3, height_ratios=(1, 1.1))
+        _plot_conditions(fig.add_subplot(grid[0, :2]), report)
+        axes = [fig.add_subplot(grid[0, 2])] + [fig.add_subplot(grid[1, i]) for i in range(3)]
+        for ax, (title, ylabel, series) in zip(axes, CURVE_PANELS):
+            _plot_curves(ax, curves, title, ylabel, series)
+    fig.suptitle(f"Latent report: {report.get('output_dir', '')}", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def write_report(report: dict[str, Any], report_dir: str, log_history: list[dict[str, Any]] | None = None) -> dict:
@@ -544,7 +649,7 @@ def run_report(args: ReportArguments) -> dict:
     dataset = build_eval_dataset(config, teacher_tokenizer, student_tokenizer, data_path, hidden, split, settings)
     model, run = _load_model(args)
     collator = tlc.LatentCommCollator(tlc._pad_id(run.teacher_tokenizer), tlc._pad_id(run.student_tokenizer))
-    report = compute_report(model, dataset, collator, resolve_batch_size(args), args.seed)
+    report = compute_report(model, dataset, collator, resolve_batch_size(args), resolve_seed(args))
     report = {
         "output_dir": os.path.abspath(args.output_dir),
         "split": split,
@@ -555,7 +660,7 @@ def run_report(args: ReportArguments) -> dict:
     report_dir = args.report_dir or args.output_dir
     paths = write_report(report, report_dir, _log_history(args.output_dir))
     print(markdown_table(report))
-    print(f"Report: {paths['json']}, {paths['md']}, {paths['png']}", flush=True)
+    print("Report: " + ", ".join(os.path.abspath(paths[kind]) for kind in ("json", "md", "png")), flush=True)
     return report
 
 
@@ -678,14 +783,17 @@ def load_generation_conversations(args: GenerateArguments) -> list[tlc.Conversat
     completed = []
     for record in raw:
         # Records without a reply are valid input for generation: a placeholder satisfies the parser.
-        if isinstance(record, dict) and isinstance(record.get("conversations"), list):
-            turns = record["conversations"]
+        key = "conversations" if isinstance(record, dict) and "conversations" in record else "messages"
+        if isinstance(record, dict) and isinstance(record.get(key), list):
+            turns = record[key]
             roles = [
-                tlc.ROLE_ALIASES.get(str(t.get("from", "")).strip().lower()) if isinstance(t, dict) else None
+                tlc.ROLE_ALIASES.get(str(t.get("from", t.get("role", ""))).strip().lower())
+                if isinstance(t, dict)
+                else None
                 for t in turns
             ]
             if "user" in roles and "assistant" not in roles[roles.index("user") + 1 :]:
-                record = {**record, "conversations": turns + [{"from": "gpt", "value": ""}]}
+                record = {**record, key: turns + [{"from": "gpt", "value": ""}]}  # each message has its own layout
         completed.append(record)
     problems = tlc.ProblemLog()
     conversations = tlc.parse_conversations(completed, problems)
@@ -719,13 +827,14 @@ def run_generate(args: GenerateArguments) -> str:
         batch_size=resolve_batch_size(args),
         progress=True,
     )
-    torch.manual_seed(args.seed)
+    torch.manual_seed(resolve_seed(args))
     with_latent = generate_with_latent(model, run, conversations, use_latent=True, **common)
     without = (
         generate_with_latent(model, run, conversations, use_latent=False, **common) if args.compare_no_latent else None
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
-    with open(args.output_file, "w", encoding="utf-8") as f:
+    output_file = args.output_file or os.path.join(args.output_dir, tlc.REPLIES_NAME)
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    with open(output_file, "w", encoding="utf-8") as f:
         for i, conv in enumerate(conversations):
             first_user = conv.first_user_index
             reference = next((text for role, text in conv.messages[first_user + 1 :] if role == "assistant"), None)
@@ -734,8 +843,8 @@ def run_generate(args: GenerateArguments) -> str:
                 line["reply_without_latent"] = without[i]["text"]
             line["reference"] = reference or None
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    print(f"Wrote {len(conversations)} replies to {args.output_file}", flush=True)
-    return args.output_file
+    print(f"Wrote {len(conversations)} replies to {os.path.abspath(output_file)}", flush=True)
+    return output_file
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -746,8 +855,6 @@ COMMANDS = {"report": (ReportArguments, run_report), "generate": (GenerateArgume
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
@@ -764,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arg_class, command = COMMANDS[argv[0]]
     try:
         try:
-            (args,) = HfArgumentParser(arg_class).parse_args_into_dataclasses(args=argv[1:])
+            (args,) = tlc.ArgumentParser(arg_class).parse_args_into_dataclasses(args=argv[1:])
         except ValueError as err:
             raise tlc.LatentCommError(str(err).replace("\n", " ")) from None
         if not args.output_dir:

@@ -10,9 +10,10 @@ student, the bridge (``lat_bos``, ``h2e``, ``student_proj``) and the head learn.
 
 Usage
 -----
-Offline CPU demo (builds tiny models and data under the output directory, trains in about a minute)::
+Offline CPU demo (builds tiny models and data under the output directory, trains in about a minute; add
+--overwrite_output_dir to run it again into the same directory)::
 
-    python train_latent_comm.py --demo --output_dir ./demo_out
+    .venv/bin/python train_latent_comm.py --demo --output_dir ./demo_out
 
 One GPU::
 
@@ -21,11 +22,16 @@ One GPU::
         --student_model_name_or_path Qwen/Qwen2.5-0.5B \\
         --data_path data/alfworld_sft.json \\
         --hf_hidden_repo your-org/alfworld-hidden-states \\
-        --output_dir ./latent_out --bf16 --gradient_checkpointing
+        --output_dir ./latent_out --bf16 --activation_checkpointing
 
 Eight GPUs with torchrun (DDP)::
 
     torchrun --nproc_per_node 8 train_latent_comm.py <same flags as above>
+
+Resume the newest checkpoint in --output_dir (a used --output_dir is refused otherwise, unless
+--overwrite_output_dir deletes the earlier run's files)::
+
+    python train_latent_comm.py <same flags as above> --resume_from_checkpoint
 
 DeepSpeed ZeRO-2 / ZeRO-3::
 
@@ -56,6 +62,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -101,6 +108,15 @@ TEACHER_TOKENIZER_DIR = "teacher_tokenizer"
 RUN_ARGS_NAME = "run_args.json"
 # A checkpoint is written under this prefix and renamed to `checkpoint-N` once complete.
 PARTIAL_CHECKPOINT_PREFIX = ".partial-"
+# Other files a run writes into its output_dir: the Trainer's summaries and state, the report, the replies.
+RUN_RESULT_NAMES = ("trainer_state.json", "train_results.json", "eval_results.json", "all_results.json")
+REPORT_NAMES = ("latent_report.json", "latent_report.md", "latent_report.png")
+REPLIES_NAME = "latent_replies.jsonl"
+# Written by --demo under output_dir: the demo's inputs, not a run's outputs.
+DEMO_ASSETS_DIR = "demo_assets"
+# --resume_from_checkpoint values meaning "the newest complete checkpoint in output_dir", and "do not resume".
+RESUME_LATEST = ("true", "last", "latest")
+RESUME_NONE = ("", "false", "none")
 
 # The two ends of a HiddenStateHead: the seed's GLU output projection, or none (the official Interlat head).
 HEAD_OUTPUT_PROJECTIONS = ("glu", "none")
@@ -323,6 +339,16 @@ class LatentTrainingArguments(TrainingArguments):
     early_stopping_threshold: float = field(
         default=0.0, metadata={"help": "Minimum eval_loss improvement that resets the patience."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an output_dir that holds an earlier run of this tool (without it, such a run is "
+            "refused unless resumed): first delete that run's files, all of them: checkpoint-*/, "
+            ".partial-checkpoint-*/, student/, teacher_tokenizer/, latent_modules.safetensors, "
+            "teacher_markers.safetensors, latent_config.json, run_args.json, trainer_state.json, *_results.json, "
+            "latent_report.json/.md/.png, latent_replies.jsonl. Other files and the demo's demo_assets/ are kept."
+        },
+    )
     report: bool = field(
         default=False,
         metadata={
@@ -382,6 +408,26 @@ DEMO_DEFAULTS = dict(
 )
 
 
+class ArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose usage errors (an unknown flag, a value of the wrong type) are one line, not the
+    usage of every flag, and that reads `--learning_rate -1e-3` as a value (argparse takes a negative number
+    with an exponent for an option name)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def error(self, message: str):
+        raise LatentCommError(f"{message} (see --help)")
+
+
+@dataclass
+class _LaunchProbe:
+    """The one training flag read before the full parse (see `check_launch`)."""
+
+    use_cpu: bool = False
+
+
 def _load_config_file(path: str) -> dict[str, Any]:
     import yaml
 
@@ -405,7 +451,7 @@ def parse_args(argv: Sequence[str] | None = None):
         if arg == "--resume_from_checkpoint" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             argv.insert(i + 1, "latest")
             break
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = ArgumentParser(ARGUMENT_CLASSES)
     known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
 
     file_config: dict[str, Any] = {}
@@ -421,11 +467,15 @@ def parse_args(argv: Sequence[str] | None = None):
         parser.set_defaults(**defaults)
 
     # Without an eval split there is nothing to evaluate or stop early on, so those modes are switched off.
-    probe_parser = HfArgumentParser(DataArguments, add_help=False)  # --help is for the full parser below
-    probe_parser.set_defaults(**{k: v for k, v in defaults.items() if k in DataArguments.__dataclass_fields__})
-    data_probe, _ = probe_parser.parse_args_into_dataclasses(
+    probe_parser = ArgumentParser((DataArguments, _LaunchProbe), add_help=False)  # --help: the full parser below
+    probe_fields = {*DataArguments.__dataclass_fields__, *_LaunchProbe.__dataclass_fields__}
+    probe_parser.set_defaults(**{k: v for k, v in defaults.items() if k in probe_fields})
+    data_probe, launch_probe, _ = probe_parser.parse_args_into_dataclasses(
         args=argv, look_for_args_file=False, return_remaining_strings=True
     )
+    if "-h" not in argv and "--help" not in argv:
+        check_launch(launch_probe.use_cpu)
+        limit_cpu_threads(launch_probe.use_cpu)
     if data_probe.eval_ratio <= 0:
         argv = argv + ["--eval_strategy", "no", "--load_best_model_at_end", "False"]
     try:
@@ -441,6 +491,7 @@ def parse_args(argv: Sequence[str] | None = None):
         if missing:
             raise LatentCommError("Missing required arguments: " + ", ".join(f"--{name}" for name in missing))
     validate_args(data_args, latent_args, training_args, model_args)
+    record_absolute_paths(model_args, data_args, latent_args)
     return model_args, data_args, latent_args, training_args
 
 
@@ -450,8 +501,8 @@ def validate_args(
     training_args: TrainingArguments,
     model_args: ModelArguments | None = None,
 ):
-    """Collect every inconsistent flag and raise once."""
-    problems = []
+    """Collect every inconsistent flag, out-of-range number and missing local path; raise once."""
+    problems = path_problems(model_args, data_args, latent_args, training_args) if model_args is not None else []
     if model_args is not None:
         if model_args.lora_r < 0:
             problems.append("--lora_r must be 0 (full fine-tuning) or a positive rank")
@@ -489,11 +540,180 @@ def validate_args(
     if isinstance(checkpointing_kwargs, dict) and checkpointing_kwargs.get("use_reentrant"):
         # Measured: reentrant replays lose or change the student's gradients through the prefill's KV cache.
         problems.append(
-            "--gradient_checkpointing_kwargs use_reentrant true is not supported: the student's rollout reuses "
+            "--activation_checkpointing_kwargs use_reentrant true is not supported: the student's rollout reuses "
             "the KV cache of checkpointed layers, which needs non-reentrant checkpointing (leave it out)"
         )
+    if data_args.preprocessing_num_workers is not None and data_args.preprocessing_num_workers < 1:
+        problems.append("--preprocessing_num_workers must be at least 1")
+    problems += training_number_problems(training_args)
     if problems:
         raise LatentCommError("; ".join(problems))
+
+
+def training_number_problems(args: TrainingArguments) -> list[str]:
+    """Numbers that TrainingArguments accepts but that fail later (AdamW's "Invalid learning rate" after the
+    models load) or silently do nothing."""
+    problems = [
+        f"--{name} must be {rule} (got {getattr(args, name)})"
+        for name, rule, ok in (
+            ("learning_rate", ">= 0", args.learning_rate >= 0),
+            ("weight_decay", ">= 0", args.weight_decay >= 0),
+            ("adam_beta1", "in [0, 1)", 0 <= args.adam_beta1 < 1),
+            ("adam_beta2", "in [0, 1)", 0 <= args.adam_beta2 < 1),
+            ("adam_epsilon", ">= 0", args.adam_epsilon >= 0),
+            ("max_grad_norm", ">= 0 (0 turns clipping off)", args.max_grad_norm is None or args.max_grad_norm >= 0),
+            ("per_device_train_batch_size", "at least 1", args.per_device_train_batch_size >= 1),
+            ("per_device_eval_batch_size", "at least 1", args.per_device_eval_batch_size >= 1),
+            ("gradient_accumulation_steps", "at least 1", args.gradient_accumulation_steps >= 1),
+            ("dataloader_num_workers", ">= 0", args.dataloader_num_workers >= 0),
+            ("early_stopping_patience", ">= 0 (0 turns early stopping off)", args.early_stopping_patience >= 0),
+            ("early_stopping_threshold", ">= 0", args.early_stopping_threshold >= 0),
+            ("skip_nonfinite_batches", ">= 0", args.skip_nonfinite_batches >= 0),
+        )
+        if not ok
+    ]
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        problems.append(
+            f"nothing to train: --num_train_epochs is {args.num_train_epochs} and --max_steps {args.max_steps}; "
+            "set either to a positive number"
+        )
+    return problems
+
+
+def check_launch(use_cpu: bool) -> None:
+    """Several processes on a machine without an accelerator need --use_cpu: without it each process trains
+    alone (no process group) and every one writes the same output_dir. Checked before TrainingArguments are
+    built, since building them already sets up the devices."""
+    world_size = int(os.environ.get("WORLD_SIZE") or 1)
+    if world_size > 1 and not use_cpu and not torch.accelerator.is_available():
+        raise LatentCommError(
+            f"{world_size} processes were launched (WORLD_SIZE={world_size}) on a machine without a GPU: add "
+            "--use_cpu to run them on the CPU"
+        )
+
+
+def limit_cpu_threads(use_cpu: bool) -> int | None:
+    """With --use_cpu under a launcher, share the machine's cores among its processes unless OMP_NUM_THREADS
+    is set: processes that each run one thread per core wait for each other at every collective (ZeRO-3 on 2
+    cores: 256 s against 11 s with one thread each). torchrun sets OMP_NUM_THREADS=1 itself; the deepspeed
+    launcher sets LOCAL_SIZE, not the LOCAL_WORLD_SIZE that accelerate divides the cores by, so accelerate
+    gives each process every core. Call before TrainingArguments are built (they set up the devices, and
+    accelerate then leaves a set OMP_NUM_THREADS alone). Returns the threads set (None: left alone)."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    if not use_cpu or local_processes <= 1 or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // local_processes)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by accelerate, and by processes started from this one
+    torch.set_num_threads(threads)  # this process's pools (OpenMP and MKL), from now on
+    return threads
+
+
+def _env_flag(*names: str) -> bool:
+    return any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE") for name in names)
+
+
+def looks_like_a_path(value: str) -> bool:
+    """True when `value` cannot be a Hub id: `./x`, `../x`, `/x`, `~/x`, `a/b/c`, or other characters that
+    repository names do not allow. A bare `org/name` is a Hub id unless such a directory exists."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if value.startswith(("./", "../", "~", ".\\", "..\\")) or value in (".", "..") or os.path.isabs(value):
+        return True
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return True
+    return False
+
+
+def in_hub_cache(repo_id: str, repo_type: str) -> bool:
+    """Whether the Hugging Face cache holds (some revision of) this repository, for offline runs."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.file_download import repo_folder_name
+
+    if Path(HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type=repo_type)).is_dir():
+        return True
+    if repo_type == "dataset":  # `datasets` also keeps converted Arrow tables under its own cache
+        import datasets
+
+        return Path(datasets.config.HF_DATASETS_CACHE, repo_id.replace("/", "___")).is_dir()
+    return False
+
+
+# Hidden-state files that --hf_hidden_repo reads with the `datasets` builder of their format.
+HIDDEN_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def hub_or_local_problem(flag: str, value: str, repo_type: str, files_ok: Sequence[str] = ()) -> str | None:
+    """Why `value` names neither an existing local directory (or a file with a suffix in `files_ok`) nor a
+    possible Hub id, decided without asking the Hub: a path that does not exist, or, when the Hub is
+    offline, something that is neither local nor in the cache."""
+    path = Path(os.path.expanduser(value))
+    if path.is_dir():
+        return None
+    if path.is_file():
+        if path.suffix.lower() in files_ok:
+            return None
+        expected = "a directory" + (f" or a {'/'.join(files_ok)} file" if files_ok else "")
+        return f"{flag} {value} is a file; expected {expected}"
+    offline_vars = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE" if repo_type == "model" else "HF_DATASETS_OFFLINE")
+    if looks_like_a_path(value):
+        return f"{flag} {value}: no such local directory"
+    offline = [name for name in offline_vars if _env_flag(name)]
+    if offline and not in_hub_cache(value, repo_type):
+        return (
+            f"{flag} {value}: no such local directory, and not in the Hugging Face cache "
+            f"({offline[0]} is set, so the Hub is not asked)"
+        )
+    return None
+
+
+def path_problems(model_args, data_args, latent_args, training_args) -> list[str]:
+    """Local paths that do not exist, found before anything loads (no Hub retries for a mistyped path)."""
+    problems = []
+    for flag, value in (
+        ("--teacher_model_name_or_path", model_args.teacher_model_name_or_path),
+        ("--student_model_name_or_path", model_args.student_model_name_or_path),
+    ):
+        if value:
+            problems.append(hub_or_local_problem(flag, value, "model"))
+    if data_args.hf_hidden_repo:
+        problems.append(
+            hub_or_local_problem("--hf_hidden_repo", data_args.hf_hidden_repo, "dataset", tuple(HIDDEN_FILE_BUILDERS))
+        )
+    for flag, value in (("--data_path", data_args.data_path), ("--hidden_head_ckpt", latent_args.hidden_head_ckpt)):
+        if value and not Path(os.path.expanduser(value)).is_file():
+            reason = "is a directory, not a file" if Path(os.path.expanduser(value)).is_dir() else "no such file"
+            problems.append(f"{flag} {value}: {reason}")
+    resume = training_args.resume_from_checkpoint
+    if resume and resume.lower() not in RESUME_LATEST + RESUME_NONE and not os.path.exists(resume):
+        problems.append(f"--resume_from_checkpoint {resume} does not exist")
+    output_dir = training_args.output_dir
+    if output_dir and os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        problems.append(f"--output_dir {output_dir} is a file, not a directory")
+    return [p for p in problems if p]
+
+
+def _absolute_if_local(value: str | None) -> str | None:
+    """An absolute path for a value that exists locally; Hub ids (and None) stay as they are."""
+    if value and os.path.exists(os.path.expanduser(value)):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def record_absolute_paths(model_args, data_args, latent_args) -> None:
+    """Local paths become absolute, so that latent_config.json and run_args.json still name the same files
+    when the run is reloaded from another directory."""
+    for args, name in (
+        (model_args, "teacher_model_name_or_path"),
+        (model_args, "student_model_name_or_path"),
+        (data_args, "data_path"),
+        (data_args, "hf_hidden_repo"),
+        (latent_args, "hidden_head_ckpt"),
+    ):
+        setattr(args, name, _absolute_if_local(getattr(args, name)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -538,8 +758,13 @@ class ProblemLog:
         return "; ".join(parts).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+# Keys that make a top-level JSON object one record (a JSON Lines file of one line) rather than a container.
+RECORD_KEYS = ("id", "conversations", "messages")
+
+
 def load_records(path: str) -> list[Any]:
-    """Read a JSON array or a JSON Lines file of records."""
+    """Read the records of a JSON array, a JSON Lines file, or a JSON object that holds them: a single key
+    whose value is the array (`{"data": [...]}`), or records keyed by their id (`{"task-1": {...}, ...}`)."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")  # also reads files that start with a byte order mark
     except (OSError, UnicodeDecodeError) as err:
@@ -550,6 +775,8 @@ def load_records(path: str) -> list[Any]:
     try:
         if stripped.startswith("["):
             records = json.loads(text)
+        elif stripped.startswith("{") and (whole := _whole_json_object(text)) is not None:
+            records = _records_of_object(whole, path)
         else:
             # Only "\n" ends a JSON Lines record: str.splitlines() also splits at U+2028, U+0085, ... inside strings.
             records = [json.loads(line) for line in text.split("\n") if line.strip()]
@@ -560,6 +787,41 @@ def load_records(path: str) -> list[Any]:
     if not isinstance(records, list):
         raise LatentCommError(f"--data_path {path} must hold a list of records")
     return records
+
+
+def _whole_json_object(text: str) -> dict | None:
+    """The file as one JSON object, or None when it is not one (JSON Lines of several records, say)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _records_of_object(value: dict, path: str) -> list[Any]:
+    """The records in a top-level JSON object (see `load_records`), or an error that says what is expected."""
+    if any(key in value for key in RECORD_KEYS):
+        return [value]  # one record: a JSON Lines file of one line
+    if len(value) == 1 and isinstance(next(iter(value.values())), list):
+        key = next(iter(value))
+        logger.info("--data_path %s: reading the records under its one key, %r.", path, key)
+        return value[key]
+    if value and all(isinstance(record, dict) for record in value.values()):
+        logger.info("--data_path %s: one JSON object of %d records keyed by id.", path, len(value))
+        records = []
+        for key, record in value.items():
+            if "id" in record and str(record["id"]) != key:
+                raise LatentCommError(
+                    f"--data_path {path}: the record under key {key!r} has another id, {record['id']!r}"
+                )
+            records.append({"id": key, **record})
+        return records
+    keys = "keys " + ", ".join(repr(k) for k in list(value)[:5]) + (", ..." if len(value) > 5 else "")
+    raise LatentCommError(
+        f"--data_path {path} holds one JSON object ({keys if value else 'empty'}); expected a JSON array of "
+        'records [{"id": ..., "conversations": [...]}, ...], JSON Lines (one such record per line), an object '
+        "with one key holding that array, or an object of records keyed by id"
+    )
 
 
 def parse_conversations(records: list[Any], problems: ProblemLog) -> list[Conversation]:
@@ -578,30 +840,36 @@ def parse_conversations(records: list[Any], problems: ProblemLog) -> list[Conver
             problems.add("duplicates an earlier id", record_id)
             continue
         seen.add(record_id)
-        turns = record.get("conversations")
+        if "conversations" in record and "messages" in record:
+            problems.add("has both 'conversations' and 'messages' (keep one)", record_id)
+            continue
+        turns = record.get("conversations", record.get("messages"))
         if not isinstance(turns, list):
-            problems.add("has no 'conversations' list", record_id)
+            problems.add("has no 'conversations' (or 'messages') list", record_id)
             continue
         messages, ok = [], True
         for turn in turns:
+            # ShareGPT's {"from", "value"}, or the OpenAI / chat-template layout {"role", "content"}.
+            sharegpt = isinstance(turn, dict) and "from" in turn
+            role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
             if not (
-                isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)
+                isinstance(turn, dict) and isinstance(turn.get(role_key), str) and isinstance(turn.get(text_key), str)
             ):
-                problems.add("has a message without string 'from' and 'value'", record_id)
+                problems.add("has a message without string 'from' and 'value' (or 'role' and 'content')", record_id)
                 ok = False
                 break
-            role = ROLE_ALIASES.get(turn["from"].strip().lower())
+            role = ROLE_ALIASES.get(turn[role_key].strip().lower())
             if role is None:
-                problems.add(f"has unknown role {turn['from']!r}", record_id)
+                problems.add(f"has unknown role {turn[role_key]!r}", record_id)
                 ok = False
                 break
             try:
-                turn["value"].encode("utf-8")  # JSON escapes can make lone surrogates, which tokenizers reject
+                turn[text_key].encode("utf-8")  # JSON escapes can make lone surrogates, which tokenizers reject
             except UnicodeEncodeError:
                 problems.add("has a message that is not valid Unicode (a lone surrogate such as \\ud800)", record_id)
                 ok = False
                 break
-            messages.append((role, turn["value"]))
+            messages.append((role, turn[text_key]))
         if not ok:
             continue
         roles = [role for role, _ in messages]
@@ -613,6 +881,24 @@ def parse_conversations(records: list[Any], problems: ProblemLog) -> list[Conver
             continue
         conversations.append(Conversation(record_id, messages))
     return conversations
+
+
+def raise_or_drop_invalid(
+    problems: ProblemLog, data_path: str, n_records: int, n_usable: int, skip_invalid: bool
+) -> None:
+    """Stop on invalid records (SPEC 1.3), or, with --skip_invalid_samples, warn and go on with the usable
+    ones. When no record is usable the message says so rather than suggest skipping, which would leave none."""
+    if problems:
+        message = f"{data_path}: {len(problems.bad_ids())} of {n_records} records are invalid: {problems.summary()}"
+        if n_usable == 0:
+            raise LatentCommError(
+                message + ". No record is usable (skipping the invalid ones would leave none): fix the data."
+            )
+        if not skip_invalid:
+            raise LatentCommError(message + ". Fix them, or pass --skip_invalid_samples to drop them.")
+        logger.warning("Dropping invalid records (--skip_invalid_samples). %s", message)
+    if n_usable == 0:
+        raise LatentCommError(f"{data_path}: no records")
 
 
 def _as_2d_float(value: Any) -> np.ndarray:
@@ -650,6 +936,10 @@ class HiddenStateStore:
                         raise LatentCommError(
                             f"--hf_hidden_repo {source} has splits {splits} and none is 'train': keep one split"
                         )
+            elif os.path.isfile(source) and Path(source).suffix.lower() in HIDDEN_FILE_BUILDERS:
+                # Converted once into an Arrow table in the datasets cache, then memory-mapped like the rest.
+                builder = HIDDEN_FILE_BUILDERS[Path(source).suffix.lower()]
+                dataset = datasets.load_dataset(builder, data_files=os.path.abspath(source), split="train")
             else:
                 dataset = datasets.load_dataset(source, split="train")
         except LatentCommError:
@@ -2110,6 +2400,8 @@ class LatentCommTrainer(Trainer):
         self._eval_sums: torch.Tensor | int = 0
         self._eval_count = 0
         self._nonfinite_skipped = 0
+        self.stop_reason: str | None = None  # set by run_training when early stopping ended the run
+        self.latent_report: dict | None = None  # set by run_training with --report
 
     # -- loss and logging -----------------------------------------------------------------------------
 
@@ -2575,6 +2867,15 @@ def load_latent_model(
     config = json.loads(config_path.read_text())
     dtype = dtype or getattr(torch, config.get("teacher_dtype", "float32"))
     teacher_path = teacher_model_name_or_path or config["teacher_model_name_or_path"]
+    # Runs record absolute local paths; older ones hold the path as given, read relative to the current directory.
+    problem = hub_or_local_problem("teacher", teacher_path, "model")
+    override = (
+        "pass its weights with load_latent_model(..., teacher_model_name_or_path=...) or evaluate_latent.py's "
+        "--teacher_model_name_or_path"
+    )
+    if problem:
+        where = "given" if teacher_model_name_or_path else f"recorded in {config_path}"
+        raise LatentCommError(f"cannot load the teacher {where}: {problem.removeprefix('teacher ')}; {override}")
     load_kwargs = dict(trust_remote_code=trust_remote_code, attn_implementation=attn_implementation or "sdpa")
     teacher_tokenizer = AutoTokenizer.from_pretrained(
         os.path.join(output_dir, TEACHER_TOKENIZER_DIR), trust_remote_code=trust_remote_code
@@ -2582,7 +2883,10 @@ def load_latent_model(
     student_tokenizer = AutoTokenizer.from_pretrained(
         os.path.join(output_dir, STUDENT_DIR), trust_remote_code=trust_remote_code
     )
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, **load_kwargs)
+    try:
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, **load_kwargs)
+    except (OSError, ValueError) as err:
+        raise LatentCommError(f"cannot load the teacher {teacher_path}: {_first_line(err)}; {override}") from None
     if len(teacher_tokenizer) > teacher.get_input_embeddings().num_embeddings:
         teacher.resize_token_embeddings(len(teacher_tokenizer), mean_resizing=False)
     student_dir = os.path.join(output_dir, STUDENT_DIR)
@@ -2690,14 +2994,7 @@ def build_datasets(model_args, data_args, latent_args, training_args, teacher_to
     samples = encode_conversations(
         conversations, store, teacher_tokenizer, student_tokenizer, data_args, latent_args.K, problems
     )
-    if problems:
-        n_bad = len(problems.bad_ids())
-        message = f"{data_args.data_path}: {n_bad} of {len(records)} records are invalid: {problems.summary()}"
-        if not data_args.skip_invalid_samples:
-            raise LatentCommError(message + ". Fix them, or pass --skip_invalid_samples to drop them.")
-        logger.warning("Dropping invalid records (--skip_invalid_samples). %s", message)
-    if not samples:
-        raise LatentCommError(f"{data_args.data_path}: no usable records")
+    raise_or_drop_invalid(problems, data_args.data_path, len(records), len(samples), data_args.skip_invalid_samples)
 
     train_idx, eval_idx = split_train_eval(len(samples), data_args.eval_ratio, training_args.seed)
     if not eval_idx:
@@ -3020,6 +3317,13 @@ def pretrain_tiny_lm(model, tokenizer, texts: list[str], steps: int, lr: float =
     return model.eval()
 
 
+def demo_asset_paths(root: str | os.PathLike) -> dict[str, str]:
+    """Where `build_demo_assets` writes the teacher, student, hidden states and conversations."""
+    paths = {name: str(Path(root) / name) for name in ("teacher", "student", "hidden_states")}
+    paths["data"] = str(Path(root) / "conversations.json")
+    return paths
+
+
 def build_demo_assets(root: str | os.PathLike, n_records: int = 12, seed: int = 0) -> dict[str, str]:
     """Write a tiny teacher (hidden 64, briefly trained on the conversations and plans) and a random
     student (hidden 48), their tokenizers, the conversations and a hidden-state dataset made by the
@@ -3037,8 +3341,7 @@ def build_demo_assets(root: str | os.PathLike, n_records: int = 12, seed: int = 
     student = build_tiny_causal_lm(vocab_rows, 48, tie=True, seed=seed + 1)
     plain_texts = ["".join(t["value"] + "\n" for t in r["conversations"]) for r in records]
     pretrain_tiny_lm(teacher, tokenizer, plain_texts + list(plans.values()), steps=60, seed=seed)
-    paths = {name: str(root / name) for name in ("teacher", "student", "hidden_states")}
-    paths["data"] = str(root / "conversations.json")
+    paths = demo_asset_paths(root)
     for name, model in (("teacher", teacher), ("student", student)):
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
@@ -3077,6 +3380,9 @@ def setup_logging(training_args: TrainingArguments) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     main_process = training_args.process_index == 0
     logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    if training_args.use_cpu and training_args.world_size > 1:
+        logger.info("%d processes, %d CPU threads each (OMP_NUM_THREADS).", training_args.world_size,
+                    torch.get_num_threads())  # fmt: skip
     if training_args.log_level != "passive":
         transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     else:
@@ -3084,6 +3390,27 @@ def setup_logging(training_args: TrainingArguments) -> None:
     import datasets
 
     datasets.utils.logging.set_verbosity_warning()
+
+
+def use_demo_assets(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """--demo: build tiny models and data under output_dir/demo_assets (one process per machine, the others
+    wait) and use them for every path that was not given."""
+    wanted = (
+        model_args.teacher_model_name_or_path,
+        model_args.student_model_name_or_path,
+        data_args.data_path,
+        data_args.hf_hidden_repo,
+    )
+    if all(wanted):
+        return
+    root = Path(training_args.output_dir).resolve() / DEMO_ASSETS_DIR
+    with training_args.main_process_first(desc="building the demo assets"):
+        assets = build_demo_assets(root) if training_args.local_process_index == 0 else demo_asset_paths(root)
+    model_args.teacher_model_name_or_path = model_args.teacher_model_name_or_path or assets["teacher"]
+    model_args.student_model_name_or_path = model_args.student_model_name_or_path or assets["student"]
+    data_args.data_path = data_args.data_path or assets["data"]
+    data_args.hf_hidden_repo = data_args.hf_hidden_repo or assets["hidden_states"]
+    logger.info("Demo assets written to %s.", root)
 
 
 def write_run_args(output_dir: str, *arg_groups) -> None:
@@ -3108,21 +3435,45 @@ def write_run_args(output_dir: str, *arg_groups) -> None:
 
 
 def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """The checkpoint to resume from, or None. It must hold the trained parts, the Trainer state and the
+    optimizer state: the Trainer would resume from a directory without them by silently starting the
+    optimizer afresh."""
     resume = training_args.resume_from_checkpoint
-    if resume is None or resume.lower() in ("", "false", "none"):
+    if resume is None or resume.lower() in RESUME_NONE:
         return None
-    if resume.lower() in ("true", "last", "latest"):
-        last = last_complete_checkpoint(training_args.output_dir)
+    output_dir = training_args.output_dir
+    if resume.lower() in RESUME_LATEST:
+        last = last_complete_checkpoint(output_dir)
         if last is None:
-            raise LatentCommError(
-                f"--resume_from_checkpoint {resume}: no complete checkpoint in {training_args.output_dir}"
-            )
+            raise LatentCommError(f"--resume_from_checkpoint {resume}: no complete checkpoint in {output_dir}")
         return last
+    if not os.path.exists(resume):
+        raise LatentCommError(f"--resume_from_checkpoint {resume} does not exist")
+    if is_complete_checkpoint(resume) and has_optimizer_state(resume):
+        return resume
+    # The output_dir itself (trained parts and Trainer state, no optimizer), or an incomplete checkpoint-N.
+    newest = next(
+        (c for c in map(last_complete_checkpoint, (resume, Path(resume).parent, output_dir)) if c is not None), None
+    )
+    hint = f"resume from {newest}, the newest complete checkpoint there" if newest else "no checkpoint-N is there"
     if not Path(resume, LATENT_MODULES_NAME).is_file():
-        raise LatentCommError(f"--resume_from_checkpoint {resume} is not a checkpoint of this tool")
-    if not is_complete_checkpoint(resume):
-        raise LatentCommError(f"--resume_from_checkpoint {resume} is incomplete (missing {TRAINER_STATE_NAME})")
-    return resume
+        raise LatentCommError(
+            f"--resume_from_checkpoint {resume} is not a checkpoint of this tool (no {LATENT_MODULES_NAME}); {hint}"
+        )
+    missing = [name for name in (TRAINER_STATE_NAME,) if not Path(resume, name).is_file()]
+    if not has_optimizer_state(resume):
+        missing.append("optimizer state")
+    if not is_complete_checkpoint(resume) and not missing:
+        missing.append("trained parts")
+    raise LatentCommError(
+        f"--resume_from_checkpoint {resume} has no {' and no '.join(missing)} (a trained output_dir or an incomplete "
+        f"checkpoint, not a checkpoint-N to resume from): {hint}"
+    )
+
+
+def has_optimizer_state(path: str | os.PathLike) -> bool:
+    """`optimizer.pt`, or DeepSpeed's `global_stepN/` (its optimizer and scheduler states)."""
+    return Path(path, "optimizer.pt").is_file() or any(p.is_dir() for p in Path(path).glob("global_step*"))
 
 
 def check_output_dir_across_nodes(training_args: TrainingArguments, resume: str | None) -> None:
@@ -3205,6 +3556,101 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return next((path for _, path in sorted(steps, reverse=True) if is_complete_checkpoint(path)), None)
 
 
+# What a run writes into its output_dir besides checkpoint-N/ and .partial-checkpoint-N/: these, and only these,
+# make an output_dir "used", and --overwrite_output_dir deletes them (never demo_assets/ or the user's files).
+RUN_OUTPUT_NAMES = (
+    STUDENT_DIR,
+    TEACHER_TOKENIZER_DIR,
+    LATENT_MODULES_NAME,
+    TEACHER_MARKERS_NAME,
+    LATENT_CONFIG_NAME,
+    RUN_ARGS_NAME,
+    *RUN_RESULT_NAMES,
+    *REPORT_NAMES,
+    REPLIES_NAME,
+)
+
+
+def previous_run_files(output_dir: str | os.PathLike) -> list[str]:
+    """Names of the entries of `output_dir` that a run of this tool wrote, checkpoints first ([] for a missing
+    directory)."""
+    if not os.path.isdir(output_dir):
+        return []
+    checkpoints, others = [], []
+    for name in os.listdir(output_dir):
+        checkpoint = name.removeprefix(PARTIAL_CHECKPOINT_PREFIX)
+        step = checkpoint.removeprefix(PREFIX_CHECKPOINT_DIR + "-")
+        if step != checkpoint and step.isdigit():
+            checkpoints.append((int(step), name))
+        elif name in RUN_OUTPUT_NAMES:
+            others.append(name)
+    return [name for _, name in sorted(checkpoints)] + sorted(others)
+
+
+def _union_over_ranks(names: list[str]) -> list[str]:
+    """Every rank's list merged (a collective: no rank passes it before all have listed their directory)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return names
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, names)
+    return list(dict.fromkeys(name for names in gathered for name in names))  # in order, each once
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return Path(directory).resolve() in Path(path).resolve().parents
+
+
+def prepare_output_dir(training_args: TrainingArguments, resume: str | None) -> None:
+    """Keep two runs out of one output_dir: a new run next to an earlier one would overwrite its weights while
+    checkpoint rotation and a bare --resume_from_checkpoint took the earlier run's checkpoints. A used
+    output_dir is refused unless the run resumes from a checkpoint in it, or --overwrite_output_dir deletes
+    the earlier run's files (RUN_OUTPUT_NAMES and checkpoints) first. Every rank calls it and takes the same
+    decision; only the saving process deletes, and no rank goes on before the deletion is done."""
+    output_dir = training_args.output_dir
+    found = _union_over_ranks(previous_run_files(output_dir))
+    if not found:
+        return
+    overwrite = training_args.overwrite_output_dir
+    if resume is not None and _is_within(resume, output_dir):
+        if overwrite:
+            raise LatentCommError(
+                f"--overwrite_output_dir would delete {resume}, the checkpoint --resume_from_checkpoint names: "
+                "pass only one of the two"
+            )
+        return
+    shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+    if not overwrite:
+        last = last_complete_checkpoint(output_dir)
+        if resume is not None:
+            keep_going = f"--resume_from_checkpoint {resume} is not in it: resume into an empty --output_dir"
+        elif last is not None:
+            keep_going = f"continue that run with --resume_from_checkpoint (its newest checkpoint is {last})"
+        else:
+            keep_going = "it has no complete checkpoint to resume from"
+        raise LatentCommError(
+            f"--output_dir {output_dir} already holds another run's files ({shown}); {keep_going}, or pass "
+            "--overwrite_output_dir to delete them and start over, or choose another --output_dir"
+        )
+    failures = []
+    if training_args.should_save:
+        for name in found:
+            path = Path(output_dir, name)
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:  # deleted meanwhile by another node's saving process (--save_on_each_node)
+                pass
+            except OSError as err:
+                failures.append(f"{path}: {_first_line(err)}")
+        logger.warning("--overwrite_output_dir: deleted the earlier run's files in %s (%s).", output_dir, shown)
+    failures = _union_over_ranks(failures)  # also the barrier: nobody starts in a half-cleared directory
+    if failures:
+        raise LatentCommError(f"--overwrite_output_dir could not delete {'; '.join(failures)}")
+
+
 def check_resume_compatible(checkpoint_dir: str, config: dict[str, Any]) -> None:
     """A checkpoint must have been made with the same shapes and marker ids as this run."""
     saved = json.loads(Path(checkpoint_dir, LATENT_CONFIG_NAME).read_text())
@@ -3230,11 +3676,30 @@ def _summary_line(entry: dict[str, float], keys: Iterable[str]) -> str:
     return ", ".join(f"{k} {entry[k]:.4f}" for k in keys if k in entry)
 
 
+def early_stopping_reason(trainer: Trainer) -> str | None:
+    """Why training ended before its last step, when early stopping ended it (call right after `train`)."""
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)), None)
+    state, args = trainer.state, trainer.args
+    if callback is None or callback.early_stopping_patience_counter < callback.early_stopping_patience:
+        return None
+    if state.global_step >= state.max_steps:
+        return None
+    best = f"{state.best_metric:.4f}" if state.best_metric is not None else "none"
+    return (
+        f"Stopped early at step {state.global_step} of {state.max_steps}: {args.metric_for_best_model} did not "
+        f"improve by more than {callback.early_stopping_threshold} for {callback.early_stopping_patience_counter} "
+        f"evaluations in a row (--early_stopping_patience {callback.early_stopping_patience}); the best, "
+        f"{args.metric_for_best_model} {best} at step {state.best_global_step}, is the model kept."
+    )
+
+
 def print_summary(trainer: LatentCommTrainer, output_dir: str, elapsed: float) -> None:
     history = trainer.state.log_history
     train_logs = [h for h in history if "ce" in h and "loss" in h]
     eval_logs = [h for h in history if "eval_ce" in h]
     lines = [f"Done in {elapsed:.0f}s, {trainer.state.global_step} optimizer steps."]
+    if trainer.stop_reason:
+        lines.append("  " + trainer.stop_reason)
     if train_logs:
         lines.append("  train start: " + _summary_line(train_logs[0], ("loss", "ce", "kl", "align")))
         lines.append("  train end:   " + _summary_line(train_logs[-1], ("loss", "ce", "kl", "align")))
@@ -3245,18 +3710,28 @@ def print_summary(trainer: LatentCommTrainer, output_dir: str, elapsed: float) -
     lines.append(
         f"  trained parts: {os.path.abspath(output_dir)} (student/, {LATENT_MODULES_NAME}, {LATENT_CONFIG_NAME})"
     )
+    if trainer.latent_report:
+        lines.append("  latent report: " + ", ".join(str(Path(output_dir, name).resolve()) for name in REPORT_NAMES))
+        conditions = trainer.latent_report["conditions"]
+        lines.append("    teacher CE: " + ", ".join(f"{name} {c['ce']:.4f}" for name, c in conditions.items()))
     print("\n".join(lines), flush=True)
 
 
 def run_training(model_args, data_args, latent_args, training_args, callbacks=None) -> LatentCommTrainer:
     """Build everything, train, evaluate and save; returns the trainer. `callbacks` (TrainerCallback
     instances) are added to the Trainer's own, for scripts that import this one."""
+    resume = resolve_resume(training_args)
+    prepare_output_dir(training_args, resume)
+    check_output_dir_across_nodes(training_args, resume)
+    if resume:
+        step = json.loads(Path(resume, TRAINER_STATE_NAME).read_text()).get("global_step")
+        logger.info("Resuming from %s (step %s).", resume, step)
+    if data_args.demo:
+        use_demo_assets(model_args, data_args, training_args)
     teacher_tokenizer, student_tokenizer, new_marker_ids = build_tokenizers(model_args, data_args)
     train_dataset, eval_dataset, collator = build_datasets(
         model_args, data_args, latent_args, training_args, teacher_tokenizer, student_tokenizer
     )
-    resume = resolve_resume(training_args)
-    check_output_dir_across_nodes(training_args, resume)
     transformers.set_seed(training_args.seed)  # the bridge and head initialisation depend on it
     model = build_models(model_args, latent_args, training_args, teacher_tokenizer, new_marker_ids)
     run = LatentRun(
@@ -3285,6 +3760,9 @@ def run_training(model_args, data_args, latent_args, training_args, callbacks=No
         latent_run=run,
     )
     result = trainer.train(resume_from_checkpoint=resume)
+    trainer.stop_reason = early_stopping_reason(trainer)  # before the final evaluation moves the patience counter
+    if trainer.stop_reason:
+        logger.info(trainer.stop_reason)
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -3298,7 +3776,7 @@ def run_training(model_args, data_args, latent_args, training_args, callbacks=No
         if training_args.process_index == 0:
             import evaluate_latent  # lazily: matplotlib is needed for the report only
 
-            evaluate_latent.report_from_trainer(trainer)
+            trainer.latent_report = evaluate_latent.report_from_trainer(trainer)
     return trainer
 
 
@@ -3318,15 +3796,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model_args, data_args, latent_args, training_args = parse_args(argv)
         setup_logging(training_args)
-        if data_args.demo:
-            assets = build_demo_assets(Path(training_args.output_dir) / "demo_assets")
-            model_args.teacher_model_name_or_path = model_args.teacher_model_name_or_path or assets["teacher"]
-            model_args.student_model_name_or_path = model_args.student_model_name_or_path or assets["student"]
-            data_args.data_path = data_args.data_path or assets["data"]
-            data_args.hf_hidden_repo = data_args.hf_hidden_repo or assets["hidden_states"]
-            logger.info("Demo assets written to %s.", Path(assets["data"]).parent)
         trainer = run_training(model_args, data_args, latent_args, training_args)
     except LatentCommError as err:
+        # Every rank prints its line: torchrun stops the other processes as soon as one exits, so a line left
+        # to rank 0 alone is lost whenever another rank gets there first.
         print("error: " + " ".join(str(err).split()), file=sys.stderr, flush=True)  # always one line
         return 2
     if training_args.process_index == 0:

@@ -115,7 +115,7 @@ def build(args, K: int):
     settings = tlc.LatentSettings(K=K, bop_id=vocab - 2, eop_id=vocab - 1, rollout_impl=args.rollout_impl)
     model = tlc.LatentCommModel(teacher, student, settings, head_num_heads=8, head_dropout=0.1).to(device)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
 
     B, T, S = args.batch, args.seq_len, args.student_len
     g = torch.Generator().manual_seed(1)

@@ -138,6 +138,88 @@ def test_load_records_json_array_and_json_lines_agree(tmp_path, assets):
     assert tlc.load_records(str(jsonl)) == records
 
 
+def test_the_messages_role_content_layout_reads_as_the_same_conversation(tokenizer, student_tokenizer):
+    """OpenAI / chat-template records ({"messages": [{"role", "content"}]}) mean what ShareGPT's do."""
+    sharegpt = {"id": "a", "conversations": [{"from": "system", "value": "Be careful."},
+                                             {"from": "human", "value": "Put a mug in the fridge."},
+                                             {"from": "gpt", "value": "Act: go to countertop 1"}]}  # fmt: skip
+    openai = {"id": "a", "messages": [{"role": "system", "content": "Be careful."},
+                                      {"role": "user", "content": "Put a mug in the fridge."},
+                                      {"role": "assistant", "content": "Act: go to countertop 1"}]}  # fmt: skip
+    mixed = {"id": "a", "conversations": [{"role": "system", "content": "Be careful."},
+                                          {"from": "human", "value": "Put a mug in the fridge."},
+                                          {"role": "assistant", "content": "Act: go to countertop 1"}]}  # fmt: skip
+    expected = tlc.parse_conversations([sharegpt], tlc.ProblemLog())[0]
+    for record in (openai, mixed):
+        problems = tlc.ProblemLog()
+        (conv,) = tlc.parse_conversations([record], problems)
+        assert not problems and conv == expected
+        for fmt in ("plain", "chat"):
+            got = _encode(conv, tokenizer, student_tokenizer, conversation_format=fmt)
+            want = _encode(expected, tokenizer, student_tokenizer, conversation_format=fmt)
+            assert got.input_ids.tolist() == want.input_ids.tolist() and got.insert_pos == want.insert_pos
+            assert got.labels.tolist() == want.labels.tolist()
+
+    problems = tlc.ProblemLog()
+    bad = [
+        {"id": "both", "conversations": sharegpt["conversations"], "messages": openai["messages"]},
+        {"id": "parts", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                     {"role": "assistant", "content": "ok"}]},  # fmt: skip
+        {"id": "tool", "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}]},
+    ]
+    assert tlc.parse_conversations(bad, problems) == []
+    assert problems.by_kind == {
+        "has both 'conversations' and 'messages' (keep one)": ["both"],
+        "has a message without string 'from' and 'value' (or 'role' and 'content')": ["parts"],
+        "has unknown role 'tool'": ["tool"],
+    }
+
+
+def test_a_top_level_json_object_is_read_only_in_the_layouts_that_hold_records(tmp_path, assets):
+    records = json.loads(Path(assets["data"]).read_text())[:3]
+    path = tmp_path / "data.json"
+
+    def load(value, indent=1):
+        path.write_text(json.dumps(value, indent=indent))
+        return tlc.load_records(str(path))
+
+    assert load({"data": records}) == records  # one key holding the array
+    keyed = {r["id"]: {"conversations": r["conversations"]} for r in records}
+    assert load(keyed) == records  # records keyed by id, in file order
+    assert load({r["id"]: r for r in records}) == records  # ... which may repeat their id
+    assert load(records[0]) == [records[0]]  # one record (a JSON Lines file of one line), even pretty-printed
+    assert load(records[0], indent=None) == [records[0]]
+    with pytest.raises(tlc.LatentCommError, match="the record under key 'task-0' has another id, 'task-1'"):
+        load({"task-0": records[1]})
+    for other in ({"version": 2, "records": records}, {"data": records, "meta": {"n": 3}}, {}):
+        with pytest.raises(tlc.LatentCommError, match=r"holds one JSON object \((keys 'version'|keys 'data'|empty)"
+                           r".*expected a JSON array of records"):  # fmt: skip
+            load(other)
+
+
+def test_json_and_json_lines_files_as_hf_hidden_repo(tmp_path, assets, monkeypatch):
+    """Read with the `datasets` builder of their format: converted once to an Arrow table in the datasets
+    cache and memory-mapped, like a save_to_disk directory; the same rows."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    reference = tlc.HiddenStateStore(assets["hidden_states"])
+    table = datasets.load_from_disk(assets["hidden_states"])
+    rows = [{"task_id": r["task_id"], "hidden_state": np.asarray(r["hidden_state"]).tolist()} for r in table]
+    (tmp_path / "hidden.json").write_text(json.dumps(rows))
+    (tmp_path / "hidden.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for name in ("hidden.json", "hidden.jsonl"):
+        path = str(tmp_path / name)
+        assert tlc.hub_or_local_problem("--hf_hidden_repo", path, "dataset", tuple(tlc.HIDDEN_FILE_BUILDERS)) is None
+        store = tlc.HiddenStateStore(path)
+        assert store.row_of == reference.row_of and store._remappable
+        for row in reference.row_of.values():  # pyarrow's JSON parser may round a decimal to the next float32
+            np.testing.assert_allclose(store.read(row), reference.read(row), rtol=1e-6, atol=0)
+    (tmp_path / "hidden.txt").write_text("")
+    problem = tlc.hub_or_local_problem("--hf_hidden_repo", str(tmp_path / "hidden.txt"), "dataset", (".json", ".jsonl"))
+    assert problem.endswith("hidden.txt is a file; expected a directory or a .json/.jsonl file")
+
+
 def test_plain_rendering_exact_tokens_labels_and_insert_pos(tokenizer, student_tokenizer):
     conv = _conversation(*MULTI_TURN)
     sample = _encode(conv, tokenizer, student_tokenizer, K=5)
@@ -970,3 +1052,121 @@ def test_parallel_tokenization_equals_serial(assets, tokenizer, fmt):
         assert (a.record_id, a.hidden_row, a.insert_pos) == (b.record_id, b.hidden_row, b.insert_pos)
         assert a.input_ids.tolist() == b.input_ids.tolist() and a.labels.tolist() == b.labels.tolist()
         assert a.student_input_ids.tolist() == b.student_input_ids.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. flags and paths checked before anything loads, all problems in one line
+# ----------------------------------------------------------------------------------------------------
+
+BAD_NUMBERS = {
+    "learning_rate": "-1e-3",
+    "weight_decay": "-0.1",
+    "adam_beta1": "1.0",
+    "adam_beta2": "-0.5",
+    "adam_epsilon": "-1e-8",
+    "max_grad_norm": "-1",
+    "per_device_train_batch_size": "0",
+    "per_device_eval_batch_size": "0",
+    "gradient_accumulation_steps": "0",
+    "dataloader_num_workers": "-1",
+    "early_stopping_patience": "-1",
+    "early_stopping_threshold": "-0.5",
+    "skip_nonfinite_batches": "-2",
+    "preprocessing_num_workers": "0",
+}
+
+
+def _must_not_load(monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loading started")
+
+    monkeypatch.setattr(tlc, "build_tokenizers", must_not_run)
+    monkeypatch.setattr(tlc, "build_demo_assets", must_not_run)
+
+
+def test_out_of_range_numbers_are_all_named_in_one_line_before_loading(assets, tmp_path, monkeypatch, capsys):
+    _must_not_load(monkeypatch)
+    flags = [arg for name, value in BAD_NUMBERS.items() for arg in (f"--{name}", value)]
+    argv = REQUIRED(assets) + ["--output_dir", str(tmp_path / "out"), *flags, "--num_train_epochs", "0"]
+    assert tlc.main(argv) == 2
+    line = _assert_one_line_error(2, capsys.readouterr().err)
+    for name in BAD_NUMBERS:
+        assert f"--{name} must be" in line, name
+    assert "nothing to train" in line
+    # argparse's own errors are one line too, not the usage of every flag.
+    assert tlc.main(REQUIRED(assets) + ["--K", "abc"]) == 2
+    line = _assert_one_line_error(2, capsys.readouterr().err)
+    assert line == "error: argument --K: invalid int value: 'abc' (see --help)"
+    # The edges stay valid: a zero learning rate, clipping off, no weight decay.
+    args = tlc.parse_args(REQUIRED(assets) + ["--learning_rate", "0", "--max_grad_norm", "0", "--weight_decay", "0"])
+    assert args[3].learning_rate == 0
+
+
+@pytest.mark.parametrize("value", ["./models/teachr", "../teachr", "/no/such/teachr", "~/no/such/teachr", "a/b/c"])
+def test_a_missing_local_path_is_no_such_directory_online_or_offline(value, monkeypatch):
+    for offline in ("1", "0"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        monkeypatch.setenv("TRANSFORMERS_OFFLINE", offline)
+        problem = tlc.hub_or_local_problem("--teacher_model_name_or_path", value, "model")
+        assert problem == f"--teacher_model_name_or_path {value}: no such local directory"
+
+
+def test_org_name_is_a_hub_id_online_and_must_be_cached_offline(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var)
+    assert tlc.hub_or_local_problem("--teacher_model_name_or_path", "org/teachr", "model") is None
+    assert tlc.hub_or_local_problem("--hf_hidden_repo", "org/hidden", "dataset") is None
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert tlc.hub_or_local_problem("--teacher_model_name_or_path", "org/teachr", "model") == (
+        "--teacher_model_name_or_path org/teachr: no such local directory, and not in the Hugging Face cache "
+        "(TRANSFORMERS_OFFLINE is set, so the Hub is not asked)"
+    )
+    assert "HF_DATASETS_OFFLINE is set" in tlc.hub_or_local_problem("--hf_hidden_repo", "org/hidden", "dataset")
+    (tmp_path / "hub" / "models--org--teachr").mkdir(parents=True)  # downloaded before going offline
+    (tmp_path / "datasets" / "org___hidden").mkdir(parents=True)
+    assert tlc.hub_or_local_problem("--teacher_model_name_or_path", "org/teachr", "model") is None
+    assert tlc.hub_or_local_problem("--hf_hidden_repo", "org/hidden", "dataset") is None
+
+
+def test_mistyped_paths_stop_at_once_in_one_line(assets, tmp_path, monkeypatch, capsys):
+    _must_not_load(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher_file").write_text("")
+    argv = [
+        "--teacher_model_name_or_path", "./models/teachr", "--student_model_name_or_path", "teacher_file",
+        "--data_path", "data/convs.json", "--hf_hidden_repo", str(tmp_path),
+        "--hidden_head_ckpt", "head.safetensors", "--resume_from_checkpoint", "out/checkpoint-9",
+        "--output_dir", "teacher_file",
+    ]  # fmt: skip
+    start = time.time()
+    assert tlc.main(argv) == 2
+    assert time.time() - start < 10  # no Hub retries
+    line = _assert_one_line_error(2, capsys.readouterr().err)
+    assert line == (
+        "error: --teacher_model_name_or_path ./models/teachr: no such local directory; "
+        "--student_model_name_or_path teacher_file is a file; expected a directory; "
+        "--data_path data/convs.json: no such file; --hidden_head_ckpt head.safetensors: no such file; "
+        "--resume_from_checkpoint out/checkpoint-9 does not exist; --output_dir teacher_file is a file, not a directory"
+    )
+
+
+def test_every_record_invalid_says_none_is_usable_instead_of_suggesting_to_skip(
+    assets, base_data, broken_models, tmp_path, capsys
+):
+    records = copy.deepcopy(base_data[0])
+    for record in records:
+        record["conversations"][1]["from"] = "robot"
+    data_path = tmp_path / "all_bad.json"
+    data_path.write_text(json.dumps(records))
+    for extra in ([], ["--skip_invalid_samples"]):
+        rc = tlc.main(_argv(broken_models, str(data_path), assets["hidden_states"], str(tmp_path / "out"), extra))
+        line = _assert_one_line_error(rc, capsys.readouterr().err)
+        assert f"{len(records)} of {len(records)} records are invalid" in line
+        assert "No record is usable (skipping the invalid ones would leave none): fix the data." in line
+        assert "pass --skip_invalid_samples" not in line

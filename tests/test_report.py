@@ -7,6 +7,7 @@ direct computation with full logits and a hand-built splice.
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def pipeline(assets, tmp_path_factory):
     ]  # fmt: skip
     result = subprocess.run([sys.executable, SCRIPT, *train], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return {"hidden": str(hidden), "run": str(run), "root": root}
+    return {"hidden": str(hidden), "run": str(run), "root": root, "stdout": result.stdout}
 
 
 def load_report(directory):
@@ -72,6 +73,14 @@ def test_training_report_equals_training_evaluation(pipeline):
         assert 0 <= condition["accuracy"] <= 1
 
 
+def test_training_prints_where_the_report_is(pipeline):
+    lines = pipeline["stdout"].splitlines()
+    files = ", ".join(f"{pipeline['run']}/{name}" for name in (ev.REPORT_JSON, ev.REPORT_MD, ev.REPORT_PNG))
+    assert f"  latent report: {files}" in lines
+    conditions = load_report(pipeline["run"])["conditions"]
+    assert "    teacher CE: " + ", ".join(f"{n} {c['ce']:.4f}" for n, c in conditions.items()) in lines
+
+
 def test_chart_and_table(pipeline):
     run = pipeline["run"]
     with open(f"{run}/{ev.REPORT_PNG}", "rb") as f:
@@ -82,13 +91,50 @@ def test_chart_and_table(pipeline):
     import matplotlib.image
 
     image = matplotlib.image.imread(f"{run}/{ev.REPORT_PNG}")
-    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 600  # two panels: conditions + curves
+    assert image.ndim == 3 and image.shape[0] > 600 and image.shape[1] > 1200  # conditions, loss and 3 terms
     assert image.std() > 0.05  # not a blank canvas
     table = open(f"{run}/{ev.REPORT_MD}").read()
     for name in ev.CONDITIONS:
         assert f"| {name} |" in table
-    curves = ev.training_curves(json.load(open(f"{run}/trainer_state.json"))["log_history"])
-    assert set(curves) == {"ce", "kl", "align", "eval_loss"} and len(curves["ce"][0]) == 4
+    history = json.load(open(f"{run}/trainer_state.json"))["log_history"]
+    curves = ev.training_curves(history)
+    assert set(curves) == set(ev.CURVE_KEYS) and len(curves["ce"][0]) == 4
+
+
+def test_the_figure_shows_the_differences_and_the_reference_runs(pipeline):
+    """What makes the PNG readable: CE on an axis fitted to the values (not from 0) with each value written,
+    the no-latent and data-latent evaluation CE drawn next to the student's, KL and Align on their own axes,
+    whole optimizer steps."""
+    import matplotlib.pyplot as plt
+
+    report = load_report(pipeline["run"])
+    history = json.load(open(f"{pipeline['run']}/trainer_state.json"))["log_history"]
+    fig = ev.report_figure(report, history)
+    try:
+        conditions, loss, ce, kl, align = fig.axes
+        values = [c["ce"] for c in report["conditions"].values()]
+        low, high = conditions.get_xlim()
+        assert 0 < low < min(values) and max(values) < high  # the axis does not start at 0
+        # The values' spread fills at least half the axis, or the axis spans under 5% of the values.
+        assert max(values) - min(values) >= 0.5 * (high - low) or high - low <= 0.05 * max(values)
+        texts = " ".join(t.get_text() for t in conditions.texts)
+        for name, c in report["conditions"].items():
+            assert f"{c['ce']:.4f}" in texts and f"acc {c['accuracy']:.3f}" in texts
+        assert [t.get_text() for t in conditions.get_yticklabels()] == list(report["conditions"])[::-1]
+        labels = {line.get_label(): line for line in ce.get_lines()}
+        for key, label in (("eval_ce_no_latent", "eval, no latent"), ("eval_ce_data_latent", "eval, data latent"),
+                           ("eval_ce", "eval (student latent)"), ("ce", "train (student latent)")):  # fmt: skip
+            steps = [h["step"] for h in history if key in h]
+            assert list(labels[label].get_xdata()) == steps and steps
+        assert {line.get_label() for line in kl.get_lines()} == {"train", "eval"}
+        assert {line.get_label() for line in align.get_lines()} == {"train", "eval"}
+        assert kl.get_ylim() != align.get_ylim() and "KL" in kl.get_title() and "Align" in align.get_title()
+        for ax in (loss, ce, kl, align):
+            fig.canvas.draw()
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)
 
 
 @torch.no_grad()
@@ -99,7 +145,8 @@ def test_report_command_against_a_direct_computation(pipeline, assets, tmp_path)
     assert ev.main(["report", "--output_dir", pipeline["run"], "--report_dir", str(out), "--batch_size", "3"]) == 0
     report = load_report(out)
     trained = load_report(pipeline["run"])
-    for name in ("no_latent", "data_latent", "student_latent", "cross_task_latent"):
+    # Other batches (3 against training's 2), the same numbers: noise included, drawn per record from one seed.
+    for name in ev.CONDITIONS:
         for key in ("ce", "accuracy"):
             assert report["conditions"][name][key] == pytest.approx(trained["conditions"][name][key], rel=1e-5)
 
@@ -160,11 +207,14 @@ def test_noise_moments_and_cross_task_order(pipeline):
     np.testing.assert_allclose(std.numpy(), stacked.std(0), atol=1e-4)
 
 
-def test_generate_command_writes_side_by_side_replies(pipeline, tmp_path):
-    out = tmp_path / "replies.jsonl"
-    args = ["generate", "--output_dir", pipeline["run"], "--output_file", str(out), "--max_new_tokens", "5",
-            "--compare_no_latent", "--batch_size", "2"]  # fmt: skip
+def test_generate_command_writes_side_by_side_replies_into_the_run(pipeline, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "--output_dir", pipeline["run"], "--max_new_tokens", "5", "--compare_no_latent",
+            "--batch_size", "2"]  # fmt: skip
     assert ev.main(args) == 0
+    out = Path(pipeline["run"], tlc.REPLIES_NAME)  # without --output_file: next to the run, not in the cwd
+    assert not list(tmp_path.iterdir())
+    assert f"replies to {out}" in capsys.readouterr().out
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     report = load_report(pipeline["run"])
     assert [line["id"] for line in lines] == [r["id"] for r in report["records"]]  # the eval split, in order
