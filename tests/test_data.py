@@ -1144,9 +1144,7 @@ def test_mistyped_paths_stop_at_once_in_one_line(assets, tmp_path, monkeypatch, 
         "--hidden_head_ckpt", "head.safetensors", "--resume_from_checkpoint", "out/checkpoint-9",
         "--output_dir", "teacher_file",
     ]  # fmt: skip
-    start = time.time()
     assert tlc.main(argv) == 2
-    assert time.time() - start < 10  # no Hub retries
     line = _assert_one_line_error(2, capsys.readouterr().err)
     assert line == (
         "error: --teacher_model_name_or_path ./models/teachr: no such local directory; "

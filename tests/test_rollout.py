@@ -233,8 +233,8 @@ def test_rollout_impl_flag_reaches_the_model_and_its_saved_settings(assets, tmp_
     assert code == 0
     model, run = tlc.load_latent_model(str(out))
     assert model.settings.rollout_impl == "hf" and run.config["settings"]["rollout_impl"] == "hf"
-    with pytest.raises(SystemExit):
-        tlc.parse_args(base_args(assets, out, "--rollout_impl", "fast"))
+    with pytest.raises(tlc.LatentCommError, match="--rollout_impl.*invalid choice: 'fast'"):
+        tlc.parse_args(base_args(assets, tmp_path / "unused", "--rollout_impl", "fast"))
 
 
 def test_rms_normalize_matches_hf_rmsnorm_in_half_precision():
