@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_latent_comm as tlc
 from conftest import REPO_ROOT, SCRIPT
 from test_cli import ENV, assert_reloaded_model_reproduces_eval, assert_trained_parts_only, base_args
 
@@ -118,9 +119,23 @@ class CountLmHeadCalls(TrainerCallback):
         with open(path, "w") as f:
             json.dump(CountLmHeadCalls.calls, f)
 
+class PoisonPartitionPadding(TrainerCallback):
+    # NaN into the tail that evens out ZeRO-3 partitions (DeepSpeed leaves it uninitialised), before each save.
+    poisoned = 0
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        for p in model.parameters():
+            if p.requires_grad and hasattr(p, "ds_tensor"):
+                valid = max(0, p.ds_numel - p.ds_zero_partition_rank * p.ds_tensor.numel())
+                tail = p.ds_tensor.view(-1)[valid:]
+                tail.fill_(float("nan"))
+                PoisonPartitionPadding.poisoned += tail.numel()
+    def on_train_end(self, args, state, control, **kwargs):
+        with open(os.path.join(args.output_dir, f"poisoned_rank{{dist.get_rank()}}.json"), "w") as f:
+            json.dump(PoisonPartitionPadding.poisoned, f)
+
 groups = tlc.parse_args(sys.argv[1:])
 tlc.setup_logging(groups[-1])
-tlc.run_training(*groups, callbacks=[CountLmHeadCalls()])
+tlc.run_training(*groups, callbacks=[CountLmHeadCalls(), PoisonPartitionPadding()])
 tlc.shutdown_distributed()
 """
 
@@ -130,7 +145,11 @@ def test_zero3_ranks_with_different_target_counts_call_lm_head_equally_often(ass
     """ZeRO-3 gathers the teacher's partitioned lm_head weight with a collective at each call, so a rank
     that calls it more often than another hangs the job (on GPUs, where weights are released between
     calls). With one logit row a chunk and records of very different lengths, each rank's number of calls
-    would follow its own target count; they must be equal (forward and backward recomputation)."""
+    would follow its own target count; they must be equal (forward and backward recomputation).
+
+    Also: the padding that evens out ZeRO-3 partitions (one element on rank 1 for each [1]-shaped gain of the
+    head) is uninitialised memory; filled with NaN before the save, it must not be taken for a non-finite
+    weight (it once stopped a run, 1 in 5 under load), nor reach the saved weights."""
     records = json.loads(Path(assets["data"]).read_text())
     for i, record in enumerate(records):
         if i % 2:  # every other record gets a much longer last reply
@@ -141,13 +160,17 @@ def test_zero3_ranks_with_different_target_counts_call_lm_head_equally_often(ass
     driver.write_text(COUNTING_DRIVER.format(repo=str(REPO_ROOT)))
     out = tmp_path / "uneven"
     args = base_args(assets, out, "--data_path", str(data), "--eval_ratio", "0", "--max_steps", "3",
-                     "--save_strategy", "no", "--per_device_train_batch_size", "1", "--logit_chunk_rows", "1",
+                     "--save_steps", "3", "--per_device_train_batch_size", "1", "--logit_chunk_rows", "1",
                      "--deepspeed", str(REPO_ROOT / "configs" / "ds_z3.json"))  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
     result = subprocess.run([*command, *args], capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     calls = [json.loads((out / f"lm_head_calls_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert calls[0] == calls[1] > 3 * 4, calls
+    assert sum(json.loads((out / f"poisoned_rank{rank}.json").read_text()) for rank in (0, 1)) > 0
+    assert tlc.is_complete_checkpoint(out / "checkpoint-3")
+    for name, tensor in load_file(str(out / tlc.LATENT_MODULES_NAME)).items():
+        assert torch.isfinite(tensor).all(), name
 
 
 @pytest.mark.slow
