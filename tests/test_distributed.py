@@ -72,13 +72,21 @@ def _trained_weights(out):
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_ddp_first_step_equals_one_process_over_the_same_global_batch(assets, tmp_path):
-    """2 processes x batch 2 == 1 process x 2 accumulated micro-batches of 2: the same 4 records, the same
-    loss terms (CE over the tokens of all 4, KL and Align averaged over the micro-batches, which is what
-    each device computes) and the same AdamW step, clipping included. Dropout is off: the two ranks'
-    random streams cannot match one process's."""
+    """2 processes x batch 2 == 1 process x 2 accumulated micro-batches of 2: the same 4 records give the same
+    loss terms (CE over the tokens of all 4, KL and Align averaged over the micro-batches, which is what each
+    device computes), the same global gradient norm, and the same clipped gradients after DDP's reduction.
+
+    The step is SGD with learning rate 1, so every trained weight moves by exactly its clipped gradient and the
+    weights compare the gradients themselves. (AdamW's first step is about lr * sign(gradient): a parameter
+    whose true gradient is ~0, such as an attention key bias, turns float32 rounding into a full step, and
+    the comparison then depends on the CPU's kernels.) Dropout is off: the two ranks' random streams cannot
+    match one process's."""
+    max_grad_norm = 0.5
     flags = ("--max_steps", "1", "--logging_steps", "1", "--eval_ratio", "0", "--save_strategy", "no",
-             "--head_dropout", "0", "--warmup_steps", "0", "--max_grad_norm", "0.5")  # fmt: skip
+             "--head_dropout", "0", "--warmup_steps", "0", "--max_grad_norm", str(max_grad_norm),
+             "--optim", "sgd", "--learning_rate", "1")  # fmt: skip
     ddp = tmp_path / "ddp"
     torchrun(assets, ddp, "ddp", *flags)
     single = tmp_path / "single"
@@ -87,14 +95,19 @@ def test_ddp_first_step_equals_one_process_over_the_same_global_batch(assets, tm
     assert result.returncode == 0, result.stderr[-3000:]
 
     logs = [json.loads((out / "trainer_state.json").read_text())["log_history"][0] for out in (ddp, single)]
-    for term in ("loss", "ce", "kl", "align"):
+    for term in ("loss", "ce", "kl", "align", "grad_norm"):
         assert logs[0][term] == pytest.approx(logs[1][term], rel=1e-4, abs=1e-5), term
     assert logs[1]["kl"] > 0 and logs[1]["align"] > 0  # every term took part
+    assert logs[1]["grad_norm"] > 1.5 * max_grad_norm  # clipping took part: the step's global norm is 0.5
     before = {**load_file(str(Path(assets["student"], "model.safetensors")))}
     ddp_weights, single_weights = _trained_weights(ddp), _trained_weights(single)
     assert ddp_weights.keys() == single_weights.keys()
+    # The step moves the weights by 0.5 in global L2 norm, the student's largest by ~7e-3. A wrong reduction
+    # (gradients summed instead of averaged, a micro-batch lost, clipping by one rank's norm) changes the step
+    # by a sizeable fraction of that. Float32 rounding (other batch shapes, another summation order) differed
+    # by at most 1.2e-7 under each numerics mode of ENV.md: one unit in the last place of a weight near 1.
     for key in ddp_weights:
-        torch.testing.assert_close(ddp_weights[key], single_weights[key], atol=1e-6, rtol=1e-5, msg=key)
+        torch.testing.assert_close(ddp_weights[key], single_weights[key], atol=1e-6, rtol=0, msg=key)
     moved = [k for k, v in before.items() if not torch.equal(v, ddp_weights[f"student.{k}"])]
     assert moved, "the step changed no student weight"
 
