@@ -52,6 +52,7 @@ TRAINING_FLAGS = (
 class ColorTask:
     paths: dict[str, str]  # teacher, student, data, hidden
     color_of: dict[str, str]  # code -> color
+    records: list[dict]
 
     def color(self, record_id: str) -> str:
         return self.color_of[record_id.split("-")[0]]
@@ -156,7 +157,7 @@ def build_color_task(root: Path, seed: int = 0) -> ColorTask:
     Path(paths["data"]).write_text(json.dumps(records))
     rng = np.random.default_rng(seed)
     write_hidden_states(paths["hidden"], records, [rng.normal(size=(K, HIDDEN)).astype(np.float32) for _ in records])
-    return ColorTask(paths, color_of)
+    return ColorTask(paths, color_of, records)
 
 
 def train(task: ColorTask, output_dir: Path, *extra: str):

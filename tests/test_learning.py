@@ -3,7 +3,7 @@ answer through the student's latent. The final check swaps latents between recor
 follows the other record's latent, which shows the answer travels in the latent, not in a loss that fell.
 
 These tests must hold on any correct floating-point numerics, not on one trajectory: they are marked
-`numerics`, and CI runs them a second time under another MKL code path.
+`numerics`, and .ci/run runs them a second time on other kernels.
 """
 
 import math
@@ -34,8 +34,7 @@ def trained(color_task, tmp_path_factory):
 def test_the_teacher_reads_a_color_block_and_guesses_without_one(color_task):
     """The task's premise: the pretrained teacher answers the color of a block, and without a block it has not
     learned the code -> color map (so only a latent can give the answer)."""
-    records, _ = task_lib.color_records()
-    with_block, without = task_lib.teacher_color_probabilities(color_task.paths["teacher"], records)
+    with_block, without = task_lib.teacher_color_probabilities(color_task.paths["teacher"], color_task.records)
     # Measured over task seeds 0-4 and the numerics modes of ENV.md: p(color | its block) >= 0.898 (seed 0:
     # 0.995); without a block every color between 0.18 and 0.33 (seed 0: 0.238 to 0.273). A teacher that cannot
     # read a block would be near 0.25 there; one that learned the map would put ~1 on one color without it.
