@@ -2565,17 +2565,24 @@ class LatentCommTrainer(Trainer):
             )
 
     def _check_weights_finite(self) -> None:
-        """Refuse to checkpoint non-finite trained weights (an overflowing update can make them so while
-        every loss term was finite); the previous checkpoint stays the newest."""
-        local = [getattr(p, "ds_tensor", p) for p in self.model.parameters() if p.requires_grad]
-        bad = torch.tensor(float(any(not torch.isfinite(p).all() for p in local)), device=self.args.device)
+        """Refuse to checkpoint non-finite trained weights (a NaN or infinite gradient makes them so while every
+        loss term was finite); the previous checkpoint stays the newest. Under ZeRO-3 each rank checks the
+        part of each parameter it holds."""
+        trained = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        local = [name for name, p in trained if not torch.isfinite(_local_part(p)).all()]
+        bad = torch.tensor(float(bool(local)), device=self.args.device)
         if self.args.world_size > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item():
+            from accelerate.utils import gather_object
+
+            names = sorted(set(gather_object(local) if self.args.world_size > 1 else local))
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             last = last_complete_checkpoint(self.args.output_dir)
             raise LatentCommError(
-                f"step {self.state.global_step}: the trained weights are non-finite, so no checkpoint was written; "
-                f"the last good one is {last or 'none'}. Lower the learning rate or keep --max_grad_norm on."
+                f"step {self.state.global_step}: the trained weights are non-finite ({shown}), so no checkpoint was "
+                f"written; the last good one is {last or 'none'}. The loss terms were finite, so the update itself "
+                "made them so: a NaN or infinite gradient (grad_norm in the log shows when the gradients grew)."
             )
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -2836,6 +2843,17 @@ def _gathered_for_update(params: list[nn.Parameter]):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
     return contextlib.nullcontext()
+
+
+def _local_part(param: nn.Parameter) -> torch.Tensor:
+    """The values of `param` that this rank holds: all of them, or under ZeRO-3 its partition without the
+    padding that evens the partitions out (DeepSpeed allocates that tail uninitialised and never reads it, so
+    it can hold any bit pattern, NaN included)."""
+    partition = getattr(param, "ds_tensor", None)
+    if partition is None:
+        return param
+    start = param.ds_zero_partition_rank * partition.numel()
+    return partition.view(-1)[: max(0, min(partition.numel(), param.ds_numel - start))]
 
 
 def _is_tied_key(model: nn.Module, key: str) -> bool:

@@ -157,6 +157,7 @@ def _first_step_weights(assets, out, batch, accumulation):
     return load_file(str(out / "latent_modules.safetensors"))
 
 
+@pytest.mark.numerics
 def test_gradient_accumulation_equals_the_larger_batch(assets, tmp_path):
     """CE is normalised by the tokens of the whole accumulated batch: 2 micro-batches of 1 == 1 batch of 2."""
     big = _first_step_weights(assets, tmp_path / "b2", batch=2, accumulation=1)

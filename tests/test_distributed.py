@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_latent_comm as tlc
 from conftest import REPO_ROOT, SCRIPT
 from test_cli import ENV, assert_reloaded_model_reproduces_eval, assert_trained_parts_only, base_args
 
@@ -71,13 +72,21 @@ def _trained_weights(out):
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_ddp_first_step_equals_one_process_over_the_same_global_batch(assets, tmp_path):
-    """2 processes x batch 2 == 1 process x 2 accumulated micro-batches of 2: the same 4 records, the same
-    loss terms (CE over the tokens of all 4, KL and Align averaged over the micro-batches, which is what
-    each device computes) and the same AdamW step, clipping included. Dropout is off: the two ranks'
-    random streams cannot match one process's."""
+    """2 processes x batch 2 == 1 process x 2 accumulated micro-batches of 2: the same 4 records give the same
+    loss terms (CE over the tokens of all 4, KL and Align averaged over the micro-batches, which is what each
+    device computes), the same global gradient norm, and the same clipped gradients after DDP's reduction.
+
+    The step is SGD with learning rate 1, so every trained weight moves by exactly its clipped gradient and the
+    weights compare the gradients themselves. (AdamW's first step is about lr * sign(gradient): a parameter
+    whose true gradient is ~0, such as an attention key bias, turns float32 rounding into a full step, and
+    the comparison then depends on the CPU's kernels.) Dropout is off: the two ranks' random streams cannot
+    match one process's."""
+    max_grad_norm = 0.5
     flags = ("--max_steps", "1", "--logging_steps", "1", "--eval_ratio", "0", "--save_strategy", "no",
-             "--head_dropout", "0", "--warmup_steps", "0", "--max_grad_norm", "0.5")  # fmt: skip
+             "--head_dropout", "0", "--warmup_steps", "0", "--max_grad_norm", str(max_grad_norm),
+             "--optim", "sgd", "--learning_rate", "1")  # fmt: skip
     ddp = tmp_path / "ddp"
     torchrun(assets, ddp, "ddp", *flags)
     single = tmp_path / "single"
@@ -86,14 +95,19 @@ def test_ddp_first_step_equals_one_process_over_the_same_global_batch(assets, tm
     assert result.returncode == 0, result.stderr[-3000:]
 
     logs = [json.loads((out / "trainer_state.json").read_text())["log_history"][0] for out in (ddp, single)]
-    for term in ("loss", "ce", "kl", "align"):
+    for term in ("loss", "ce", "kl", "align", "grad_norm"):
         assert logs[0][term] == pytest.approx(logs[1][term], rel=1e-4, abs=1e-5), term
     assert logs[1]["kl"] > 0 and logs[1]["align"] > 0  # every term took part
+    assert logs[1]["grad_norm"] > 1.5 * max_grad_norm  # clipping took part: the step's global norm is 0.5
     before = {**load_file(str(Path(assets["student"], "model.safetensors")))}
     ddp_weights, single_weights = _trained_weights(ddp), _trained_weights(single)
     assert ddp_weights.keys() == single_weights.keys()
+    # The step moves the weights by 0.5 in global L2 norm, the student's largest by ~7e-3. A wrong reduction
+    # (gradients summed instead of averaged, a micro-batch lost, clipping by one rank's norm) changes the step
+    # by a sizeable fraction of that. Float32 rounding (other batch shapes, another summation order) differed
+    # by at most 1.2e-7 under each numerics mode of ENV.md: one unit in the last place of a weight near 1.
     for key in ddp_weights:
-        torch.testing.assert_close(ddp_weights[key], single_weights[key], atol=1e-6, rtol=1e-5, msg=key)
+        torch.testing.assert_close(ddp_weights[key], single_weights[key], atol=1e-6, rtol=0, msg=key)
     moved = [k for k, v in before.items() if not torch.equal(v, ddp_weights[f"student.{k}"])]
     assert moved, "the step changed no student weight"
 
@@ -118,9 +132,23 @@ class CountLmHeadCalls(TrainerCallback):
         with open(path, "w") as f:
             json.dump(CountLmHeadCalls.calls, f)
 
+class PoisonPartitionPadding(TrainerCallback):
+    # NaN into the tail that evens out ZeRO-3 partitions (DeepSpeed leaves it uninitialised), before each save.
+    poisoned = 0
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        for p in model.parameters():
+            if p.requires_grad and hasattr(p, "ds_tensor"):
+                valid = max(0, p.ds_numel - p.ds_zero_partition_rank * p.ds_tensor.numel())
+                tail = p.ds_tensor.view(-1)[valid:]
+                tail.fill_(float("nan"))
+                PoisonPartitionPadding.poisoned += tail.numel()
+    def on_train_end(self, args, state, control, **kwargs):
+        with open(os.path.join(args.output_dir, f"poisoned_rank{{dist.get_rank()}}.json"), "w") as f:
+            json.dump(PoisonPartitionPadding.poisoned, f)
+
 groups = tlc.parse_args(sys.argv[1:])
 tlc.setup_logging(groups[-1])
-tlc.run_training(*groups, callbacks=[CountLmHeadCalls()])
+tlc.run_training(*groups, callbacks=[CountLmHeadCalls(), PoisonPartitionPadding()])
 tlc.shutdown_distributed()
 """
 
@@ -130,7 +158,11 @@ def test_zero3_ranks_with_different_target_counts_call_lm_head_equally_often(ass
     """ZeRO-3 gathers the teacher's partitioned lm_head weight with a collective at each call, so a rank
     that calls it more often than another hangs the job (on GPUs, where weights are released between
     calls). With one logit row a chunk and records of very different lengths, each rank's number of calls
-    would follow its own target count; they must be equal (forward and backward recomputation)."""
+    would follow its own target count; they must be equal (forward and backward recomputation).
+
+    Also: the padding that evens out ZeRO-3 partitions (one element on rank 1 for each [1]-shaped gain of the
+    head) is uninitialised memory; filled with NaN before the save, it must not be taken for a non-finite
+    weight (it once stopped a run, 1 in 5 under load), nor reach the saved weights."""
     records = json.loads(Path(assets["data"]).read_text())
     for i, record in enumerate(records):
         if i % 2:  # every other record gets a much longer last reply
@@ -141,13 +173,17 @@ def test_zero3_ranks_with_different_target_counts_call_lm_head_equally_often(ass
     driver.write_text(COUNTING_DRIVER.format(repo=str(REPO_ROOT)))
     out = tmp_path / "uneven"
     args = base_args(assets, out, "--data_path", str(data), "--eval_ratio", "0", "--max_steps", "3",
-                     "--save_strategy", "no", "--per_device_train_batch_size", "1", "--logit_chunk_rows", "1",
+                     "--save_steps", "3", "--per_device_train_batch_size", "1", "--logit_chunk_rows", "1",
                      "--deepspeed", str(REPO_ROOT / "configs" / "ds_z3.json"))  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
     result = subprocess.run([*command, *args], capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     calls = [json.loads((out / f"lm_head_calls_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert calls[0] == calls[1] > 3 * 4, calls
+    assert sum(json.loads((out / f"poisoned_rank{rank}.json").read_text()) for rank in (0, 1)) > 0
+    assert tlc.is_complete_checkpoint(out / "checkpoint-3")
+    for name, tensor in load_file(str(out / tlc.LATENT_MODULES_NAME)).items():
+        assert torch.isfinite(tensor).all(), name
 
 
 @pytest.mark.slow

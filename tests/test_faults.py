@@ -150,7 +150,7 @@ def test_nonfinite_weights_are_never_checkpointed(assets, tmp_path):
     result = run_with_fault(tmp_path, out, {"nan_weight_at": 4}, *_args(assets, out))
     assert result.returncode == 2, result.stderr[-3000:]
     line = _error_line(result.stderr)
-    assert "step 4: the trained weights are non-finite" in line and str(out / "checkpoint-2") in line
+    assert "step 4: the trained weights are non-finite (lat_bos)" in line and str(out / "checkpoint-2") in line
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-2"]
 
 
