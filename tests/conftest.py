@@ -8,6 +8,11 @@ from pathlib import Path
 for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[var] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# One thread per test process, and per process a test launches (they inherit it; a value you set is kept). The
+# tiny models gain nothing from a second thread, and where the cores are busy with anything else, OpenMP
+# threads that spin waiting for each other slow every step down many times over: building the session's
+# assets took 8 s in one thread and 129 s in two beside one other busy process, on 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))

@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -862,9 +861,41 @@ def _argv(models, data_path, hidden_dir, out_dir, extra=()):
     ]
 
 
+# Runs `main` once per case in one process, each case's stdout and stderr captured at the file descriptors (all
+# that the process writes there, from Python or not), as separate processes would show them: a process per case
+# spent ~7 s of a 2-core machine on imports each, for errors that come before any weights load.
+CASES_DRIVER = """
+import json, os, sys, traceback
+sys.path.insert(0, {repo!r})
+import train_latent_comm as tlc
+
+results = {{}}
+for name, argv, out_path, err_path in json.loads(open(sys.argv[1]).read()):
+    saved = os.dup(1), os.dup(2)
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            code = tlc.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+    results[name] = code
+print(json.dumps(results))
+"""
+
+
 @pytest.fixture(scope="module")
 def cli_results(assets, base_data, broken_models, tmp_path_factory):
-    """Run every CLI case as its own process, a few at a time (they mostly wait on imports)."""
+    """Every validation case through `main` with its own stdout and stderr, in one process; beside it, in a
+    fresh process of its own, the run that skips an invalid record and trains one step."""
     root = tmp_path_factory.mktemp("cli")
     jobs, expected = {}, {}
     for case in CLI_CASES:
@@ -876,41 +907,30 @@ def cli_results(assets, base_data, broken_models, tmp_path_factory):
     jobs["control_broken_weights"] = _argv(
         broken_models, assets["data"], assets["hidden_states"], str(root / "control")
     )
-    # one bad record among good ones, dropped with a warning; real weights, one optimizer step
-    skip_data, skip_hidden, _ = _write_case(root / "skip", base_data, "unknown_role")
-    jobs["skip_invalid"] = _argv(
-        assets, skip_data, skip_hidden, str(root / "skip" / "out"), ["--skip_invalid_samples", *SHORT_RUN]
-    )
     jobs["missing_args"] = [
         "--teacher_model_name_or_path",
         assets["teacher"],
         "--student_model_name_or_path",
         assets["student"],
     ]
+    cases = [[name, argv, str(root / f"{name}.out"), str(root / f"{name}.err")] for name, argv in jobs.items()]
+    (root / "cases.json").write_text(json.dumps(cases))
+    driver = root / "driver.py"
+    driver.write_text(CASES_DRIVER.format(repo=str(Path(SCRIPT).parent)))
+    # one bad record among good ones, dropped with a warning; real weights, one optimizer step
+    skip_data, skip_hidden, _ = _write_case(root / "skip", base_data, "unknown_role")
+    skip_argv = _argv(assets, skip_data, skip_hidden, str(root / "skip" / "out"), ["--skip_invalid_samples", *SHORT_RUN])
 
-    results, pending, running = {}, list(jobs.items()), {}
-    while pending or running:
-        while pending and len(running) < 4:
-            name, argv = pending.pop(0)
-            running[name] = (
-                subprocess.Popen(
-                    [sys.executable, SCRIPT, *argv],
-                    cwd=str(root),
-                    env=_env(),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                ),
-                time.time(),
-            )
-        for name, (proc, started) in list(running.items()):
-            if proc.poll() is not None or time.time() - started > 240:
-                if proc.poll() is None:
-                    proc.kill()
-                out, err = proc.communicate()
-                results[name] = (proc.returncode, out, err)
-                del running[name]
-        time.sleep(0.1)
+    def start(command):
+        return subprocess.Popen(command, cwd=str(root), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+
+    processes = start([sys.executable, str(driver), str(root / "cases.json")]), start([sys.executable, SCRIPT, *skip_argv])
+    (driver_out, driver_err), skip_output = (process.communicate(timeout=600) for process in processes)
+    assert processes[0].returncode == 0, driver_err[-3000:]
+    codes = json.loads(driver_out.splitlines()[-1])
+    results = {name: (codes[name], Path(out).read_text(), Path(err).read_text()) for name, _, out, err in cases}
+    results["skip_invalid"] = (processes[1].returncode, *skip_output)
     return results, expected
 
 

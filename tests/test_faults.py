@@ -1,8 +1,11 @@
 """Faults: a save interrupted by SIGKILL leaves no checkpoint that looks whole; non-finite losses stop the
 run (or are skipped) with a message naming the step, the term and the records; non-finite weights are
-never checkpointed. Each case runs the real training in a subprocess with one fault injected."""
+never checkpointed. Each case runs the real training with one fault injected: the kill in a subprocess, the
+others in this process."""
 
 import json
+import logging
+import math
 import os
 import signal
 import subprocess
@@ -12,60 +15,39 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 import train_latent_comm as tlc
 from conftest import REPO_ROOT
 from test_cli import ENV, base_args
 
+# A run that kills itself with SIGKILL while saving the checkpoint of step N: after the trained parts and the
+# optimizer are written, before the Trainer state. Only a real kill of a real process shows what is left on disk.
 DRIVER = """
-import json, math, os, signal, sys
+import os, signal, sys
 sys.path.insert(0, {repo!r})
 import train_latent_comm as tlc
-from transformers import TrainerCallback
 
-fault = json.loads(os.environ["FAULT"])
-trainer_ref = {{}}
+kill_in_save_at, argv = int(sys.argv[1]), sys.argv[2:]
+original_rng = tlc.LatentCommTrainer._save_rng_state
 
-class Faults(TrainerCallback):
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        trainer_ref["state"] = state
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == fault.get("nan_weight_at"):
-            model.lat_bos.data[0] = math.nan
+def save_rng_state(self, output_dir):
+    if self.state.global_step == kill_in_save_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original_rng(self, output_dir)
 
-if "kill_in_save_at" in fault:
-    original_rng = tlc.LatentCommTrainer._save_rng_state
-    def save_rng_state(self, output_dir):
-        if self.state.global_step == fault["kill_in_save_at"]:
-            os.kill(os.getpid(), signal.SIGKILL)  # trained parts and optimizer written, state not yet
-        return original_rng(self, output_dir)
-    tlc.LatentCommTrainer._save_rng_state = save_rng_state
-
-original_forward = tlc.LatentCommModel.forward
-def forward(self, *args, **kwargs):
-    out = original_forward(self, *args, **kwargs)
-    state = trainer_ref.get("state")
-    if self.training and state is not None and state.global_step + 1 in fault.get("nan_kl_at", []):
-        out["kl"] = out["kl"] * math.nan
-    return out
-tlc.LatentCommModel.forward = forward
-
-sys.argv = ["train_latent_comm.py"] + sys.argv[1:]
-groups = tlc.parse_args(sys.argv[1:])
+tlc.LatentCommTrainer._save_rng_state = save_rng_state
+groups = tlc.parse_args(argv)
 tlc.setup_logging(groups[-1])
-try:
-    tlc.run_training(*groups, callbacks=[Faults()])
-except tlc.LatentCommError as err:
-    print("error: " + " ".join(str(err).split()), file=sys.stderr)
-    sys.exit(2)
+tlc.run_training(*groups)
 """
 
 
-def run_with_fault(tmp_path, out, fault, *args):
+def run_killed_in_save(tmp_path, step, *args):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(repo=str(REPO_ROOT)))
-    env = {**ENV, "FAULT": json.dumps(fault)}
-    return subprocess.run([sys.executable, str(driver), *args], capture_output=True, text=True, env=env, timeout=600)
+    command = [sys.executable, str(driver), str(step), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
 
 
 def _args(assets, out, *extra):
@@ -74,7 +56,7 @@ def _args(assets, out, *extra):
 
 def test_save_killed_midway_leaves_no_checkpoint_and_resume_takes_the_last_whole_one(assets, tmp_path):
     out = tmp_path / "run"
-    result = run_with_fault(tmp_path, out, {"kill_in_save_at": 4}, *_args(assets, out))
+    result = run_killed_in_save(tmp_path, 4, *_args(assets, out))
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     partial = out / ".partial-checkpoint-4"
     assert (partial / tlc.LATENT_MODULES_NAME).is_file() and (partial / "optimizer.pt").is_file()
@@ -94,11 +76,7 @@ def test_save_killed_midway_leaves_no_checkpoint_and_resume_takes_the_last_whole
     fake.rmdir()
 
     # A bare --resume_from_checkpoint resumes from checkpoint-2, saves step 4 again, whole this time.
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train_latent_comm.py"), *_args(assets, out), "--resume_from_checkpoint"],
-        capture_output=True, text=True, env=ENV, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert tlc.main([*_args(assets, out), "--resume_from_checkpoint"]) == 0
     assert not partial.exists()
     assert tlc.is_complete_checkpoint(out / "checkpoint-6")
     state = json.loads((out / "trainer_state.json").read_text())
@@ -108,17 +86,44 @@ def test_save_killed_midway_leaves_no_checkpoint_and_resume_takes_the_last_whole
     assert Path(state["best_model_checkpoint"]).parent == out
 
 
-def _error_line(stderr):
-    lines = [line[line.index("error: ") :] for line in stderr.splitlines() if "error: " in line]  # after tqdm's
-    assert len(lines) == 1, stderr[-3000:]
-    return lines[0]
+class InProcessFaults(TrainerCallback):
+    """The faults that need no kill, injected into a run in this process: a non-finite KL term on the batches
+    of the given optimizer steps (the value the model returns), a NaN written into `lat_bos` after a step."""
+
+    def __init__(self, monkeypatch, nan_kl_at=(), nan_weight_at=None):
+        self.state, self.nan_weight_at = None, nan_weight_at
+        original_forward = tlc.LatentCommModel.forward
+
+        def forward(model, *args, **kwargs):
+            out = original_forward(model, *args, **kwargs)
+            if model.training and self.state is not None and self.state.global_step + 1 in nan_kl_at:
+                out["kl"] = out["kl"] * math.nan
+            return out
+
+        monkeypatch.setattr(tlc.LatentCommModel, "forward", forward)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.state = state
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.nan_weight_at:
+            model.lat_bos.data[0] = math.nan
 
 
-def test_nonfinite_loss_stops_with_step_term_records_and_last_checkpoint(assets, tmp_path):
+def run_in_process(monkeypatch, assets, out, *extra, **faults):
+    """Train with `faults` injected; returns the error's one line (as `main` prints it), or None."""
+    groups = tlc.parse_args(_args(assets, out, *extra))
+    try:
+        tlc.run_training(*groups, callbacks=[InProcessFaults(monkeypatch, **faults)])
+    except tlc.LatentCommError as err:
+        return "error: " + " ".join(str(err).split())
+    return None
+
+
+def test_nonfinite_loss_stops_with_step_term_records_and_last_checkpoint(assets, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    result = run_with_fault(tmp_path, out, {"nan_kl_at": [3]}, *_args(assets, out))
-    assert result.returncode == 2, result.stderr[-3000:]
-    line = _error_line(result.stderr)
+    line = run_in_process(monkeypatch, assets, out, nan_kl_at=[3])
+    assert line is not None
     assert "step 3: non-finite kl" in line and "ce" not in line.split("non-finite")[1].split(" on ")[0]
     ids = json.loads(line.split("records ")[1].split("]")[0].replace("'", '"') + "]")
     records = {str(r["id"]) for r in json.loads(Path(assets["data"]).read_text())}
@@ -128,11 +133,11 @@ def test_nonfinite_loss_stops_with_step_term_records_and_last_checkpoint(assets,
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-2"]
 
 
-def test_skip_nonfinite_batches_skips_up_to_n_then_stops(assets, tmp_path):
+def test_skip_nonfinite_batches_skips_up_to_n_then_stops(assets, tmp_path, monkeypatch, caplog):
     out = tmp_path / "skip"
-    result = run_with_fault(tmp_path, out, {"nan_kl_at": [3]}, *_args(assets, out, "--skip_nonfinite_batches", "1"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 3: non-finite kl" in result.stdout + result.stderr and "skipped (1 of" in result.stdout
+    caplog.set_level(logging.WARNING, logger="train_latent_comm")
+    assert run_in_process(monkeypatch, assets, out, "--skip_nonfinite_batches", "1", nan_kl_at=[3]) is None
+    assert "step 3: non-finite kl" in caplog.text and "skipped (1 of" in caplog.text
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     step3 = next(h for h in history if h.get("step") == 3 and "loss" in h)
     assert step3["kl"] == 0 and step3["align"] == 0 and step3["loss"] == 0  # the skipped batch's terms
@@ -140,16 +145,14 @@ def test_skip_nonfinite_batches_skips_up_to_n_then_stops(assets, tmp_path):
         assert torch.isfinite(tensor).all(), name
 
     out = tmp_path / "exhausted"
-    fault = {"nan_kl_at": [3, 5]}
-    result = run_with_fault(tmp_path, out, fault, *_args(assets, out, "--skip_nonfinite_batches", "1"))
-    assert result.returncode == 2 and "step 5: non-finite kl" in _error_line(result.stderr)
+    line = run_in_process(monkeypatch, assets, out, "--skip_nonfinite_batches", "1", nan_kl_at=[3, 5])
+    assert line is not None and "step 5: non-finite kl" in line
 
 
-def test_nonfinite_weights_are_never_checkpointed(assets, tmp_path):
+def test_nonfinite_weights_are_never_checkpointed(assets, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    result = run_with_fault(tmp_path, out, {"nan_weight_at": 4}, *_args(assets, out))
-    assert result.returncode == 2, result.stderr[-3000:]
-    line = _error_line(result.stderr)
+    line = run_in_process(monkeypatch, assets, out, nan_weight_at=4)
+    assert line is not None
     assert "step 4: the trained weights are non-finite (lat_bos)" in line and str(out / "checkpoint-2") in line
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-2"]
 
