@@ -1,6 +1,8 @@
-"""Two-process launches on CPU (gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3 train, save, resume and reload."""
+"""Two-process launches on CPU (gloo): DDP, DeepSpeed ZeRO-2 (through the deepspeed launcher) and ZeRO-3 train,
+save, resume and reload."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,21 +26,37 @@ LAUNCH_FLAGS = {
 }
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(assets, out, launch, *extra):
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
-        *base_args(assets, out, *SPLIT, "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2"),
-        *LAUNCH_FLAGS[launch], *extra,
-    ]  # fmt: skip
+    """Two processes with `launch`'s flags; ZeRO-2 goes through the `deepspeed` launcher (which passes
+    `--local_rank=N` on each process's command line) with length-grouped batches, the others through torchrun.
+    Returns the launcher's output."""
+    args = [*base_args(assets, out, *SPLIT, "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2"),
+            *LAUNCH_FLAGS[launch], *extra]  # fmt: skip
+    if launch == "zero2":
+        launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]
+        args.append("--group_by_length")
+    else:
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [sys.executable, *launcher, SCRIPT, *args]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600, cwd=out.parent)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", list(LAUNCH_FLAGS))
 def test_two_process_run_trains_saves_resumes_and_reloads(assets, tmp_path, launch):
     out = tmp_path / launch
-    torchrun(assets, out, launch)
+    output = torchrun(assets, out, launch)
+    if launch == "zero2":
+        assert "--local_rank=1" in output  # the deepspeed launcher's command line, logged
     assert_trained_parts_only(out, assets)
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
@@ -89,10 +107,8 @@ def test_ddp_first_step_equals_one_process_over_the_same_global_batch(assets, tm
              "--optim", "sgd", "--learning_rate", "1")  # fmt: skip
     ddp = tmp_path / "ddp"
     torchrun(assets, ddp, "ddp", *flags)
-    single = tmp_path / "single"
-    command = [sys.executable, SCRIPT, *base_args(assets, single, *flags, "--gradient_accumulation_steps", "2")]
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    single = tmp_path / "single"  # in this process, in one thread as each rank (conftest)
+    assert tlc.main(base_args(assets, single, *flags, "--gradient_accumulation_steps", "2")) == 0
 
     logs = [json.loads((out / "trainer_state.json").read_text())["log_history"][0] for out in (ddp, single)]
     for term in ("loss", "ce", "kl", "align", "grad_norm"):
@@ -184,18 +200,3 @@ def test_zero3_ranks_with_different_target_counts_call_lm_head_equally_often(ass
     assert tlc.is_complete_checkpoint(out / "checkpoint-3")
     for name, tensor in load_file(str(out / tlc.LATENT_MODULES_NAME)).items():
         assert torch.isfinite(tensor).all(), name
-
-
-@pytest.mark.slow
-def test_deepspeed_launcher_passes_local_rank(assets, tmp_path):
-    """The `deepspeed` launcher starts each process with `--local_rank=N`; length-grouped batches too."""
-    out = tmp_path / "launcher"
-    command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29561", SCRIPT,
-        *base_args(assets, out, "--max_steps", "2", "--eval_ratio", "0", "--save_strategy", "no",
-                   "--group_by_length", "--deepspeed", str(REPO_ROOT / "configs" / "ds_z2.json")),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "--local_rank=1" in result.stdout + result.stderr  # the launcher's command line, logged
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
