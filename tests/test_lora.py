@@ -183,14 +183,13 @@ def test_lora_flag_errors(assets, tmp_path, capsys):
 def test_two_process_ddp_lora_trains_resumes_and_reloads(assets, tmp_path):
     from test_distributed import SPLIT, torchrun
 
-    out = tmp_path / "ddp"
-    torchrun(assets, out, "ddp", "--lora_r", "4")
+    out, resumed = tmp_path / "ddp", tmp_path / "resumed"
+    torchrun(assets, out, "ddp", "--lora_r", "4", resume_into=resumed)  # then resumed from checkpoint-2
     assert_adapters_only(out / tlc.STUDENT_DIR)
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
     assert_reloaded_model_reproduces_eval(assets, out, tmp_path, *SPLIT)
 
-    resumed = tmp_path / "resumed"
-    torchrun(assets, resumed, "ddp", "--lora_r", "4", "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    assert json.loads((resumed / "trainer_state.json").read_text())["global_step"] == 4
     for name in (f"{tlc.STUDENT_DIR}/adapter_model.safetensors", tlc.LATENT_MODULES_NAME):
         first, second = load_file(str(out / name)), load_file(str(resumed / name))
         for key in first:
