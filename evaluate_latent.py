@@ -253,6 +253,7 @@ def _load_tokenizers(output_dir: str, trust_remote_code: bool):
 
     if not Path(output_dir, tlc.LATENT_CONFIG_NAME).is_file():
         raise tlc.LatentCommError(f"{output_dir} has no {tlc.LATENT_CONFIG_NAME}: not a trained output directory")
+    tlc.refuse_head_stage_run(output_dir, json.loads(Path(output_dir, tlc.LATENT_CONFIG_NAME).read_text()))
     load = AutoTokenizer.from_pretrained
     teacher = load(os.path.join(output_dir, tlc.TEACHER_TOKENIZER_DIR), trust_remote_code=trust_remote_code)
     student = load(os.path.join(output_dir, tlc.STUDENT_DIR), trust_remote_code=trust_remote_code)

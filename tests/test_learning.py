@@ -47,14 +47,18 @@ def exact_match(results, conversations, task):
     return float(np.mean([r["text"].strip() == task.color(c.id) for r, c in zip(results, conversations)]))
 
 
-def test_student_latent_carries_the_answer(trained):
-    model, run, task, conversations = trained
+def latent_report(model, run, task, hidden) -> dict:
+    """evaluate_latent's report over every record of the task, with the data latents in `hidden`."""
     settings = {"eval_ratio": 0.0, "seed": 0, "skip_invalid_samples": False}
     dataset = ev.build_eval_dataset(
-        run.config, run.teacher_tokenizer, run.student_tokenizer, task.paths["data"], task.paths["hidden"], "all",
-        settings,
+        run.config, run.teacher_tokenizer, run.student_tokenizer, task.paths["data"], hidden, "all", settings
     )
-    report = ev.compute_report(model, dataset, tlc.LatentCommCollator(0, 0), batch_size=24, progress=False)
+    return ev.compute_report(model, dataset, tlc.LatentCommCollator(0, 0), batch_size=24, progress=False)
+
+
+def test_student_latent_carries_the_answer(trained):
+    model, run, task, conversations = trained
+    report = latent_report(model, run, task, task.paths["hidden"])
     ce = {name: values["ce"] for name, values in report["conditions"].items()}
     assert report["n_targets"] == 24  # one color token per record
     assert ce["no_latent"] > 0.9 * math.log(4)  # the frozen teacher alone: a random color
@@ -94,3 +98,53 @@ def test_the_teacher_follows_another_records_latent(trained):
     follows_donor = np.mean([p == colors[d] for p, d in zip(predicted, donors)])
     follows_own = np.mean([p == colors[i] for i, p in enumerate(predicted)])
     assert follows_donor >= 0.9 and follows_own <= 0.1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two stages: the head first (--stage head), then the student on that head, frozen
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_stage(color_task, tmp_path_factory):
+    """Stage 1 on data latents that carry each record's color (a quarter of the records held out), then
+    stage 2 with TRAINING_FLAGS on the stage-1 head, frozen, with the loss weights of the command that stage 1
+    prints (KL and Align 0.1: see test_two_stages_learn_as_well_as_ce_alone)."""
+    root = tmp_path_factory.mktemp("colors_two_stage")
+    hidden = task_lib.write_color_latents(color_task, str(root / "color_latents"))
+    stage_one = task_lib.train_head(color_task, hidden, root / "head")
+    head = str(root / "head" / tlc.HEAD_FILE_NAME)
+    model, run = task_lib.train(color_task, root / "student", "--hf_hidden_repo", hidden, "--hidden_head_ckpt", head,
+                                "--freeze_head", *tlc.STAGE_TWO_LOSS_FLAGS)  # fmt: skip
+    return stage_one, model, run, hidden
+
+
+def test_the_head_stage_makes_the_data_latent_useful(two_stage):
+    """On records it never trained on, the teacher reading the data latent through the stage-1 head answers
+    their color, where without a block it guesses (log 4)."""
+    stage_one = two_stage[0]
+    assert stage_one["eval_ce_no_latent"] > 0.9 * math.log(4)
+    # Measured over task seeds 0-9 under the numerics modes of ENV.md (README, "Two stages: a head first"): at
+    # most 0.20 of the no-latent CE (seed 3: 0.28 against 1.37), 0.003 for this seed. A head that does not
+    # read the latent stays at the no-latent CE or above (the fresh head starts at 2.3).
+    assert stage_one["eval_ce"] < 0.5 * stage_one["eval_ce_no_latent"], stage_one
+
+
+def test_two_stages_learn_as_well_as_ce_alone(trained, two_stage):
+    """With the stage-1 head frozen, KL and Align pull towards a data latent that carries the answer, and
+    the student learns at least as well as with CE alone (`trained`: KL and Align off, the head trained).
+
+    The weights are the published pipeline's 1 / 0.1 / 0.1, which stage 1's printed command uses: with the
+    defaults 1 / 1 / 1 the student stayed in a wrong answer on 4 of 10 task seeds (README)."""
+    ce_only_model, ce_only_run, task, _ = trained
+    _, model, run, hidden = two_stage
+    ce_only = latent_report(ce_only_model, ce_only_run, task, hidden)["conditions"]
+    report = latent_report(model, run, task, hidden)["conditions"]
+    assert run.config["settings"]["kl_weight"] == run.config["settings"]["align_weight"] == 0.1
+    # The head did not move, so run D still answers (what the KL term distils from).
+    assert report["data_latent"]["ce"] < 0.5 * report["no_latent"]["ce"], report["data_latent"]
+    assert report["student_latent"]["accuracy"] >= 0.9
+    # Measured (README): the two-stage CE at most 0.04 above CE alone (seed 9: 0.044 against 0.0045, the
+    # frozen head's own data-latent CE being 0.046), 0.0003 below it for this seed; a student left in a wrong
+    # answer is 0.65 or more above.
+    assert report["student_latent"]["ce"] <= ce_only["student_latent"]["ce"] + 0.1, (report, ce_only)
