@@ -126,9 +126,10 @@ def test_the_head_stage_makes_the_data_latent_useful(two_stage):
     their color, where without a block it guesses (log 4)."""
     stage_one = two_stage[0]
     assert stage_one["eval_ce_no_latent"] > 0.9 * math.log(4)
-    # Measured over task seeds 0-9 under the numerics modes of ENV.md (README, "Two stages: a head first"): at
-    # most 0.20 of the no-latent CE (seed 3: 0.28 against 1.37), 0.003 for this seed. A head that does not
-    # read the latent stays at the no-latent CE or above (the fresh head starts at 2.3).
+    # Measured over task seeds 0-9 (default numerics) and 0-4 (each mode of ENV.md and CI's), 35 runs (README,
+    # "Two stages: a head first"): at most 0.21 of the no-latent CE (seed 3: 0.28 against 1.37), 0.003 for this
+    # seed in every mode. A head that does not read the latent stays at the no-latent CE or above (the fresh
+    # head's training CE starts at 2.3), so the margin is 2.4x the largest fraction measured.
     assert stage_one["eval_ce"] < 0.5 * stage_one["eval_ce_no_latent"], stage_one
 
 
