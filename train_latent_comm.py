@@ -3843,7 +3843,8 @@ def resolve_resume(training_args: TrainingArguments) -> str | None:
     hint = f"resume from {newest}, the newest complete checkpoint there" if newest else "no checkpoint-N is there"
     if not (Path(resume, LATENT_MODULES_NAME).is_file() or Path(resume, HEAD_FILE_NAME).is_file()):
         raise LatentCommError(
-            f"--resume_from_checkpoint {resume} is not a checkpoint of this tool (no {LATENT_MODULES_NAME}); {hint}"
+            f"--resume_from_checkpoint {resume} is not a checkpoint of this tool (no {LATENT_MODULES_NAME}, "
+            f"nor the {HEAD_FILE_NAME} of --stage head); {hint}"
         )
     missing = [name for name in (TRAINER_STATE_NAME,) if not Path(resume, name).is_file()]
     if not has_optimizer_state(resume):
