@@ -1,6 +1,8 @@
 """The latent carries information: on the color task (tests/learning_task.py), the frozen teacher can only
 answer through the student's latent. The final check swaps latents between records: the teacher then
 follows the other record's latent, which shows the answer travels in the latent, not in a loss that fell.
+The two-stage path (--stage head, then the student on that head, frozen) is checked on data latents that
+carry each record's color: stage 1 makes them useful, and the student then learns as well as with CE alone.
 
 These tests must hold on any correct floating-point numerics, not on one trajectory: they are marked
 `numerics`, and .ci/run runs them a second time on other kernels.
@@ -124,27 +126,35 @@ def test_the_head_stage_makes_the_data_latent_useful(two_stage):
     their color, where without a block it guesses (log 4)."""
     stage_one = two_stage[0]
     assert stage_one["eval_ce_no_latent"] > 0.9 * math.log(4)
-    # Measured over task seeds 0-9 under the numerics modes of ENV.md (README, "Two stages: a head first"): at
-    # most 0.20 of the no-latent CE (seed 3: 0.28 against 1.37), 0.003 for this seed. A head that does not
-    # read the latent stays at the no-latent CE or above (the fresh head starts at 2.3).
+    # Measured over task seeds 0-9 (default numerics) and 0-4 (each mode of ENV.md and CI's), 35 runs (README,
+    # "Two stages: a head first"): at most 0.21 of the no-latent CE (seed 3: 0.28 against 1.37), 0.003 for this
+    # seed in every mode. A head that does not read the latent stays at the no-latent CE or above (the fresh
+    # head's training CE starts at 2.3), so the margin is 2.4x the largest fraction measured.
     assert stage_one["eval_ce"] < 0.5 * stage_one["eval_ce_no_latent"], stage_one
 
 
 def test_two_stages_learn_as_well_as_ce_alone(trained, two_stage):
-    """With the stage-1 head frozen, KL and Align pull towards a data latent that carries the answer, and
-    the student learns at least as well as with CE alone (`trained`: KL and Align off, the head trained).
+    """With the stage-1 head frozen, KL and Align pull towards a data latent that carries the answer, and the
+    student learns as well as with CE alone (`trained`: KL and Align off, the head trained) or, where the data
+    latent serves the teacher less well than CE alone's latent, as well as the data latent it is distilled
+    towards.
 
     The weights are the published pipeline's 1 / 0.1 / 0.1, which stage 1's printed command uses: with the
-    defaults 1 / 1 / 1 the student stayed in a wrong answer on 4 of 10 task seeds (README)."""
+    defaults 1 / 1 / 1 the student stayed in a wrong answer in 18 of 35 runs (task seeds and numerics modes;
+    this seed under MKL_CBWR=AVX2, ATEN_CPU_CAPABILITY=avx2 and CI's second mode: README)."""
     ce_only_model, ce_only_run, task, _ = trained
     _, model, run, hidden = two_stage
-    ce_only = latent_report(ce_only_model, ce_only_run, task, hidden)["conditions"]
+    ce_only = latent_report(ce_only_model, ce_only_run, task, hidden)["conditions"]["student_latent"]["ce"]
     report = latent_report(model, run, task, hidden)["conditions"]
     assert run.config["settings"]["kl_weight"] == run.config["settings"]["align_weight"] == 0.1
-    # The head did not move, so run D still answers (what the KL term distils from).
-    assert report["data_latent"]["ce"] < 0.5 * report["no_latent"]["ce"], report["data_latent"]
+    # The head did not move, so run D still answers (what the KL term distils from). Measured: at most 0.16 of
+    # the no-latent CE (task seed 3: 0.22).
+    data_latent = report["data_latent"]["ce"]
+    assert data_latent < 0.5 * report["no_latent"]["ce"], report["data_latent"]
     assert report["student_latent"]["accuracy"] >= 0.9
-    # Measured (README): the two-stage CE at most 0.04 above CE alone (seed 9: 0.044 against 0.0045, the
-    # frozen head's own data-latent CE being 0.046), 0.0003 below it for this seed; a student left in a wrong
-    # answer is 0.65 or more above.
-    assert report["student_latent"]["ce"] <= ce_only["student_latent"]["ce"] + 0.1, (report, ce_only)
+    # Measured over task seeds 0-9 (default numerics) and 0-4 (each mode of ENV.md and CI's), 35 runs: at most
+    # 0.03 above the larger of CE alone and the data latent's CE (0.17 above CE alone for task seed 3 under CI's
+    # modes, where the data latent's CE is 0.22 and CE alone reached 0.05); for this seed 0.004, under CE
+    # alone's 0.004-0.005 in every mode. The margin is 3x that largest excess. For this seed a student left in
+    # a wrong answer (the defaults 1 / 1 / 1 under three of the modes) ended 0.8 above.
+    assert report["student_latent"]["ce"] <= max(ce_only, data_latent) + 0.1, (report, ce_only)
