@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_latent_comm as tlc
-from conftest import REPO_ROOT, SCRIPT
+from conftest import REPO_ROOT
 from test_cli import ENV, assert_reloaded_model_reproduces_eval, assert_trained_parts_only, base_args
 
 # 3 eval records over 2 processes with batches of 2: the sharded loader repeats one record to even out
