@@ -2158,18 +2158,94 @@ class LatentSettings:
     rollout_impl: str = "auto"  # "lean": fused latent steps; "hf": the HF modules; "auto": lean where exact
 
 
-class LatentCommModel(nn.Module):
-    """Student + bridge + head (trained) around a frozen teacher; `forward` returns every loss term."""
+class FrozenTeacherModel(nn.Module):
+    """What both stages' models share: a frozen teacher (always in eval mode), its config for DeepSpeed, and
+    activation checkpointing of the decoders that `_checkpointed_models` names."""
 
     # Lets the Trainer count supervised tokens over the whole accumulated batch (num_items_in_batch).
     accepts_loss_kwargs = True
     _keys_to_ignore_on_save = None
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self._teacher_checkpointing = False
 
     @property
     def config(self):
         """The teacher's config: DeepSpeed sizes its "auto" buckets from `config.hidden_size`, and the
         teacher dominates the model's size."""
         return self.teacher.config
+
+    def _checkpointed_models(self) -> tuple[nn.Module, ...]:
+        return (self.teacher,)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: no dropout, ever
+        if self._teacher_checkpointing:
+            # HF layers checkpoint only when `self.training`; flag the layers themselves (not their dropout
+            # submodules) so the teacher recomputes activations while it still behaves as in eval.
+            for layer in _checkpointed_layers(self.teacher):
+                layer.training = mode
+        return self
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        # Non-reentrant only (validate_args): it gives gradients to parameters inside a checkpointed layer even
+        # when the layer's input has none, as a LoRA student's prefill over frozen embeddings does.
+        kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False}
+        for model in self._checkpointed_models():
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
+            )
+        self._teacher_checkpointing = True
+        self.train(self.training)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
+
+    def activation_checkpointing_disable(self):
+        for model in self._checkpointed_models():
+            model.activation_checkpointing_disable()
+        self._teacher_checkpointing = False
+        self.train(self.training)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self._teacher_checkpointing
+
+    def teacher_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        insert_pos: torch.Tensor | None = None,
+        block_latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last hidden states of the teacher `[B, T(+K+2), Ht]`, with `[<bop>, latents, <eop>]` spliced at
+        `insert_pos` when `block_latents` `[B, K, Ht]` is given (the marker ids from `self.settings`). The head
+        stage runs the same splice, so that its head learns for the block the student's stage builds."""
+        decoder = _decoder_of(self.teacher)
+        embed = self.teacher.get_input_embeddings()
+        if block_latents is None:
+            return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        token_embeds = embed(input_ids)  # [B, T, Ht]
+        markers = embed(torch.tensor([self.settings.bop_id, self.settings.eop_id], device=input_ids.device))
+        batch = input_ids.shape[0]
+        block = torch.cat(
+            [
+                markers[0].expand(batch, 1, -1),
+                block_latents.to(token_embeds.dtype),
+                markers[1].expand(batch, 1, -1),
+            ],
+            dim=1,
+        )  # [B, K+2, Ht]
+        embeds, mask = splice_latent_block(token_embeds, attention_mask, insert_pos, block)
+        return decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+class LatentCommModel(FrozenTeacherModel):
+    """Student + bridge + head (trained) around a frozen teacher; `forward` returns every loss term."""
 
     def __init__(
         self,
@@ -2180,8 +2256,7 @@ class LatentCommModel(nn.Module):
         head_dropout: float = 0.1,
         head_output_projection: str = "glu",
     ):
-        super().__init__()
-        self.teacher = teacher
+        super().__init__(teacher)
         self.student = student
         self.settings = settings
         teacher_hidden, student_hidden = _hidden_size(teacher.config), _hidden_size(student.config)
@@ -2193,52 +2268,24 @@ class LatentCommModel(nn.Module):
         )
         self.head = HiddenStateHead(teacher_hidden, head_num_heads, head_dropout, head_output_projection)
 
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
         # Latent steps never read the student's vocabulary head; an untied one would get no gradient
         # (and DDP would wait for it), so it is frozen. A tied one trains through the prompt embeddings.
         output_embeddings = student.get_output_embeddings()
         if output_embeddings is not None and output_embeddings.weight is not student.get_input_embeddings().weight:
             output_embeddings.requires_grad_(False)
-        self._teacher_checkpointing = False
         self._rollout_notes: set[str] = set()  # fallback reasons already logged
 
-    # -- mode and checkpointing -------------------------------------------------------------------
+    # -- checkpointing ----------------------------------------------------------------------------
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()  # frozen: no dropout, ever
-        if self._teacher_checkpointing:
-            # HF layers checkpoint only when `self.training`; flag the layers themselves (not their dropout
-            # submodules) so run A recomputes activations while the teacher still behaves as in eval.
-            for layer in _checkpointed_layers(self.teacher):
-                layer.training = mode
-        return self
+    def _checkpointed_models(self) -> tuple[nn.Module, ...]:
+        return (self.teacher, self.student)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
-        # Non-reentrant only (validate_args): it gives gradients to parameters inside a checkpointed layer even
-        # when the layer's input has none, as a LoRA student's prefill over frozen embeddings does.
-        kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False}
-        for model in (self.teacher, self.student):
-            model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
-            )
+        super().activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
         for layer in _checkpointed_layers(self.student):
             layer._can_checkpoint_with_cache = True  # safe with PrefillReplayCache, see its docstring
-        self._teacher_checkpointing = True
-        self.train(self.training)
 
     gradient_checkpointing_enable = activation_checkpointing_enable
-
-    def activation_checkpointing_disable(self):
-        for model in (self.teacher, self.student):
-            model.activation_checkpointing_disable()
-        self._teacher_checkpointing = False
-        self.train(self.training)
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        return self._teacher_checkpointing
 
     # -- student side -------------------------------------------------------------------------------
 
@@ -2312,35 +2359,6 @@ class LatentCommModel(nn.Module):
         """`Zd = head(X)` without gradient or dropout: `[B, K, Ht]` -> `[B, K, Ht]`."""
         with torch.no_grad(), _eval_mode(self.head):
             return self.head(data_latents.to(self.head.pre_ln.weight.dtype))
-
-    # -- teacher side -------------------------------------------------------------------------------
-
-    def teacher_hidden(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        insert_pos: torch.Tensor | None = None,
-        block_latents: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Last hidden states of the teacher `[B, T(+K+2), Ht]`, with `[<bop>, latents, <eop>]` spliced at
-        `insert_pos` when `block_latents` `[B, K, Ht]` is given."""
-        decoder = _decoder_of(self.teacher)
-        embed = self.teacher.get_input_embeddings()
-        if block_latents is None:
-            return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        token_embeds = embed(input_ids)  # [B, T, Ht]
-        markers = embed(torch.tensor([self.settings.bop_id, self.settings.eop_id], device=input_ids.device))
-        batch = input_ids.shape[0]
-        block = torch.cat(
-            [
-                markers[0].expand(batch, 1, -1),
-                block_latents.to(token_embeds.dtype),
-                markers[1].expand(batch, 1, -1),
-            ],
-            dim=1,
-        )  # [B, K+2, Ht]
-        embeds, mask = splice_latent_block(token_embeds, attention_mask, insert_pos, block)
-        return decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -2466,13 +2484,10 @@ class HeadStageSettings:
     logit_chunk_rows: int = 0  # 0: LOGIT_CHUNK_ELEMENTS // vocabulary size
 
 
-class HeadStageModel(nn.Module):
+class HeadStageModel(FrozenTeacherModel):
     """The HiddenStateHead (trained) in front of a frozen teacher; no student. `forward` returns the CE of
     the teacher reading the data latent through the head (training's loss), and in evaluation also the CE
     without a block, the reference point."""
-
-    accepts_loss_kwargs = True  # CE over the tokens of the whole accumulated batch (num_items_in_batch)
-    _keys_to_ignore_on_save = None
 
     def __init__(
         self,
@@ -2482,48 +2497,9 @@ class HeadStageModel(nn.Module):
         head_dropout: float = 0.1,
         head_output_projection: str = "glu",
     ):
-        super().__init__()
-        self.teacher = teacher
+        super().__init__(teacher)
         self.settings = settings
         self.head = HiddenStateHead(_hidden_size(teacher.config), head_num_heads, head_dropout, head_output_projection)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-        self._teacher_checkpointing = False
-
-    @property
-    def config(self):
-        """The teacher's config (DeepSpeed sizes its "auto" buckets from it)."""
-        return self.teacher.config
-
-    # The same splice and teacher runs as the student's stage: the head learns for the block stage 2 builds.
-    teacher_hidden = LatentCommModel.teacher_hidden
-
-    def train(self, mode: bool = True):
-        super().train(mode)  # the head's dropout follows the mode
-        self.teacher.eval()  # frozen: no dropout, ever
-        if self._teacher_checkpointing:  # see LatentCommModel.train
-            for layer in _checkpointed_layers(self.teacher):
-                layer.training = mode
-        return self
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
-        kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False}
-        self.teacher.activation_checkpointing_enable(
-            activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload
-        )
-        self._teacher_checkpointing = True
-        self.train(self.training)
-
-    gradient_checkpointing_enable = activation_checkpointing_enable
-
-    def activation_checkpointing_disable(self):
-        self.teacher.activation_checkpointing_disable()
-        self._teacher_checkpointing = False
-        self.train(self.training)
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        return self._teacher_checkpointing
 
     def forward(
         self,

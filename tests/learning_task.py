@@ -160,6 +160,17 @@ def build_color_task(root: Path, seed: int = 0) -> ColorTask:
     return ColorTask(paths, color_of, records)
 
 
+def run_in_one_thread(argv: list[str]) -> None:
+    """`tlc.main(argv)`, which must succeed, in one thread: these matrices are tiny, and on a busy 2-core machine
+    a thread pool made training 25x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert tlc.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train(task: ColorTask, output_dir: Path, *extra: str):
     """Train on the task with TRAINING_FLAGS (then `extra` flags, which override them) in one thread, and
     reload the result: returns `(model, run)` of `tlc.load_latent_model`."""
@@ -168,13 +179,7 @@ def train(task: ColorTask, output_dir: Path, *extra: str):
         "--data_path", task.paths["data"], "--hf_hidden_repo", task.paths["hidden"], "--output_dir", str(output_dir),
         *TRAINING_FLAGS, *extra,
     ]  # fmt: skip
-    # One thread: these matrices are tiny, and on a busy 2-core machine a thread pool made training 25x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert tlc.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_in_one_thread(argv)
     return tlc.load_latent_model(str(output_dir))
 
 
@@ -212,10 +217,5 @@ def train_head(task: ColorTask, hidden: str, output_dir: Path, *extra: str) -> d
         "--hf_hidden_repo", hidden, "--output_dir", str(output_dir), *TRAINING_FLAGS,
         "--eval_ratio", "0.25", "--eval_strategy", "no", "--load_best_model_at_end", "False", *extra,
     ]  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert tlc.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    run_in_one_thread(argv)
     return json.loads((output_dir / "eval_results.json").read_text())

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 import evaluate_latent as ev
 import train_latent_comm as tlc
 from conftest import SCRIPT
-from test_cli import ENV
+from test_cli import ENV, _one_error_line
 
 HEAD_FILE = tlc.HEAD_FILE_NAME
 
@@ -272,12 +272,6 @@ def test_head_dropout_applies_in_training_only(head_batch):
 # ----------------------------------------------------------------------------------------------------
 # Guard rails: one line, before anything loads
 # ----------------------------------------------------------------------------------------------------
-
-
-def _one_error_line(capsys):
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 def test_flags_that_contradict_the_stage_are_one_line_errors(assets, tmp_path, monkeypatch, capsys):
